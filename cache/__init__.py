@@ -1,0 +1,1 @@
+"""The content-addressed Zarr activation store: keys, layout, shard commits, lazy reading."""

@@ -1,0 +1,211 @@
+"""`BaseModelRunner`: load a checkpoint, tokenize texts, run a forward pass -> `ModelOutputs`.
+
+Subclasses pick the model class in `_load_model`; the family-specific bits that remain
+(decoder inputs for seq2seq, the pad token for Llama) sit in small hooks.
+
+Padding is always on the right. With absolute or rotary positions counted from the first
+token, right padding leaves every real token's position and visible context unchanged, so
+an example's hidden states do not depend on its batch neighbours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
+
+import torch
+
+from pipeline.models.helpers import bitsandbytes_config, coerce_device, resolve_dtype
+from pipeline.models.hub import ResolvedCheckpoint, check_weights, resolve_checkpoint
+from schemas import CheckpointError, ConfigError, ModelOutputs, ModelSpec
+
+__all__ = ["BaseModelRunner"]
+
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_UNBOUNDED = 1_000_000  # tokenizers without a limit report ~1e30
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports while we probe a checkpoint on purpose."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+class BaseModelRunner(ABC):
+    """A loaded model and its tokenizer behind one interface.
+
+    >>> runner = load_model("minilm-l6", device="cpu")          # doctest: +SKIP
+    >>> out = runner.forward(runner.tokenize(["Hello", "Hallo Welt"]))
+    >>> len(out.encoder_hidden_states)                            # embeddings + 6 layers
+    7
+    """
+
+    arch: ClassVar[str]
+    hidden_field: ClassVar[str]  # the ModelOutputs field that receives `hidden_states`
+    supports_quantization: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        device: str | int | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        revision: str | None = None,
+        quantization: bool | int | None = None,
+        output_attentions: bool = False,
+        trust_remote_code: bool = False,
+        allow_pickle: bool = False,
+        checkpoint: ResolvedCheckpoint | None = None,
+    ) -> None:
+        if spec.arch != self.arch:
+            raise ConfigError(f"{type(self).__name__} runs {self.arch!r} models, not {spec.arch!r} ({spec.name!r})")
+        self.spec = spec
+        self.device = coerce_device(device)
+        self.dtype = resolve_dtype(dtype, default=spec.dtype)
+        self.quant_bits = self._quant_bits(quantization)
+        self.output_attentions = output_attentions
+        self.trust_remote_code = trust_remote_code
+        self.checkpoint = checkpoint or resolve_checkpoint(spec, revision)
+        self._safetensors = check_weights(
+            self.checkpoint.path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        )
+        self.tokenizer = self._load_tokenizer()
+        self.model = self._load_model()
+        self.model.eval()
+        self.model.config.output_hidden_states = True
+        self.max_length = self._max_length()
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def _load_model(self) -> torch.nn.Module:
+        """Load and return the model (use `_from_pretrained`)."""
+
+    def _quant_bits(self, quantization: bool | int | None) -> int | None:
+        if quantization is None:
+            quantization = self.spec.use_bitsandbytes
+        if quantization is False or quantization == 0:
+            return None
+        bits = self.spec.quant_bits if quantization is True else int(quantization)
+        if not self.supports_quantization:
+            raise ConfigError(
+                f"bitsandbytes loading is offered for decoder-only models; {self.spec.name!r} is "
+                f"{self.arch}. Fix: load it without quantization (quantization=False)."
+            )
+        return bits
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(self.checkpoint.path), trust_remote_code=self.trust_remote_code, local_files_only=True
+            )
+        except (OSError, ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"could not load a tokenizer from {str(self.checkpoint.path)!r}: {exc}. Fix: save "
+                "the tokenizer next to the model (tokenizer.save_pretrained(dir))."
+            ) from exc
+        tokenizer.padding_side = "right"
+        return tokenizer
+
+    def _from_pretrained(self, auto_class: Any, **kwargs: Any) -> Any:
+        """`auto_class.from_pretrained` on the resolved directory with this runner's options."""
+        options: dict[str, Any] = {
+            "dtype": self.dtype,
+            "use_safetensors": self._safetensors,
+            "trust_remote_code": self.trust_remote_code,
+            "local_files_only": True,
+        }
+        if self.output_attentions:
+            options["attn_implementation"] = "eager"  # fused kernels return no attention maps
+        if self.quant_bits:
+            options["quantization_config"] = bitsandbytes_config(self.quant_bits, self.device, self.dtype)
+            options["device_map"] = {"": self.device}
+        try:
+            loaded = auto_class.from_pretrained(str(self.checkpoint.path), **options, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"could not load {str(self.checkpoint.path)!r} as {auto_class.__name__}: {exc}"
+            ) from exc
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if not self.quant_bits:
+            model.to(self.device)
+        return loaded
+
+    def _max_length(self) -> int:
+        limits = []
+        if self.spec.tokenizer_kwargs and self.spec.tokenizer_kwargs.get("max_length"):
+            limits.append(int(self.spec.tokenizer_kwargs["max_length"]))
+        if 0 < (self.tokenizer.model_max_length or 0) < _UNBOUNDED:
+            limits.append(int(self.tokenizer.model_max_length))
+        if not limits:
+            limits.append(int(getattr(self.model.config, "max_position_embeddings", None) or 512))
+        return min(limits)
+
+    # -- running ---------------------------------------------------------------------------
+
+    def tokenize(self, texts: str | Sequence[str], **overrides: Any) -> Any:
+        """Tokenize `texts` into a right-padded batch of tensors on the runner's device.
+
+        The spec's `tokenizer_kwargs` apply (truncation at `max_length` by default);
+        `overrides` win over both.
+        """
+        items = [texts] if isinstance(texts, str) else list(texts)
+        if not items:
+            raise ConfigError("tokenize() got no texts; pass at least one string")
+        bad = [i for i, t in enumerate(items) if not isinstance(t, str)]
+        if bad:
+            raise ConfigError(
+                f"tokenize() needs strings; item {bad[0]} is {type(items[bad[0]]).__name__} "
+                f"({items[bad[0]]!r}). Fix: convert or drop non-text values first."
+            )
+        kwargs = {"truncation": True} | dict(self.spec.tokenizer_kwargs or {})
+        kwargs |= {"max_length": self.max_length} | overrides
+        encoded = self.tokenizer(items, padding=True, return_tensors="pt", **kwargs)
+        return encoded.to(self.device)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> ModelOutputs:
+        """Run the model on a `tokenize` batch with every hidden state returned."""
+        if "input_ids" not in batch:
+            raise ConfigError("forward() needs a batch with 'input_ids'; build it with runner.tokenize(texts)")
+        inputs = self._model_inputs(batch)
+        with torch.inference_mode():
+            out = self.model(
+                **inputs,
+                output_hidden_states=True,
+                output_attentions=self.output_attentions,
+                return_dict=True,
+            )
+        return self._outputs(inputs, out)
+
+    def _model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
+        if "attention_mask" not in inputs:
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        if "token_type_ids" in inputs and "token_type_ids" not in self.tokenizer.model_input_names:
+            del inputs["token_type_ids"]
+        return inputs
+
+    def _outputs(self, inputs: Mapping[str, torch.Tensor], out: Any) -> ModelOutputs:
+        """Map the Hugging Face output object onto `ModelOutputs` (one stack: `hidden_field`)."""
+        extra = {"attentions": out.attentions} if self.output_attentions else {}
+        return ModelOutputs(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            logits=getattr(out, "logits", None),  # a plain encoder has no head, so no logits
+            extra=extra,
+            **{self.hidden_field: out.hidden_states},
+        )
+
+    def __repr__(self) -> str:
+        quant = f", {self.quant_bits}-bit" if self.quant_bits else ""
+        return f"{type(self).__name__}({self.spec.name!r}, {self.device}, {self.dtype}{quant})"

@@ -1,0 +1,41 @@
+"""`EncoderModelRunner`: BERT-style encoders, with the masked-LM head when the checkpoint has one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.models.base import BaseModelRunner, quiet_transformers
+from schemas import CheckpointError
+
+__all__ = ["EncoderModelRunner"]
+
+
+class EncoderModelRunner(BaseModelRunner):
+    """Encoder-only models (mBERT, XLM-R, LaBSE, MiniLM).
+
+    Loads `AutoModelForMaskedLM` when the checkpoint carries the head's weights, so
+    `logits` are the MLM logits; sentence encoders saved without a head (LaBSE, MiniLM)
+    load as a plain `AutoModel` and give `logits=None` rather than a randomly
+    initialised head. `has_lm_head` says which happened.
+    """
+
+    arch = "encoder_only"
+    hidden_field = "encoder_hidden_states"
+
+    def _load_model(self) -> torch.nn.Module:
+        from transformers import AutoModel, AutoModelForMaskedLM
+
+        self.has_lm_head = False
+        try:
+            with quiet_transformers():
+                model, info = self._from_pretrained(AutoModelForMaskedLM, output_loading_info=True)
+        except CheckpointError:
+            pass  # no masked-LM class for this config: a plain encoder it is
+        else:
+            if not info["missing_keys"]:
+                self.has_lm_head = True
+                return model
+            del model  # the head would be random weights: not logits anyone wants
+        return self._from_pretrained(AutoModel)

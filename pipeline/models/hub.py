@@ -1,0 +1,193 @@
+"""Checkpoint resolution: a spec -> a local directory of config, tokenizer and weights, with its identity.
+
+Order: a local directory named by ``hf_id``; the Python package named by ``spec.package``
+(unless a revision is pinned); the local Hugging Face cache; a download, unless offline.
+Loading then happens from that directory only, so transformers never goes to the network
+(and never sits in its retry loop when there is none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from schemas import CheckpointError, ModelNotAvailableError, ModelSpec, UnsafeCheckpointError
+
+__all__ = [
+    "ResolvedCheckpoint",
+    "check_weights",
+    "content_hash",
+    "hf_cache_dir",
+    "is_offline",
+    "read_config",
+    "resolve_checkpoint",
+]
+
+SAFE_WEIGHTS = ("*.safetensors",)
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# Files that define the values a checkpoint produces; README/.gitattributes etc. do not.
+_IDENTITY_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".py")
+_TRUE = {"1", "on", "yes", "true"}
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """A checkpoint on local disk.
+
+    `source` says where it came from ('local' directory, 'package', Hugging Face 'hub' cache);
+    `revision` is the resolved commit hash for the Hub and None otherwise, where
+    `content_hash(path)` identifies the files instead.
+    """
+
+    path: Path
+    hf_id: str
+    source: Literal["local", "package", "hub"]
+    revision: str | None = None
+
+    def identity(self) -> dict[str, str]:
+        """What pins these weights: the Hub commit, else a hash of the files."""
+        if self.revision is not None:
+            return {"hf_id": self.hf_id, "revision": self.revision}
+        return {"hf_id": self.hf_id, "content_hash": content_hash(self.path)}
+
+
+def is_offline() -> bool:
+    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, read now rather than at import."""
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache directory in force now (HF_HUB_CACHE, else HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def resolve_checkpoint(spec: ModelSpec, revision: str | None = None) -> ResolvedCheckpoint:
+    """Find `spec`'s checkpoint on disk, downloading it only when online and not cached."""
+    revision = revision if revision is not None else spec.revision
+    local = Path(spec.hf_id).expanduser()
+    if local.is_dir():
+        return ResolvedCheckpoint(local.resolve(), spec.hf_id, "local")
+    if spec.package and revision is None:
+        packaged = _package_path(spec.package)
+        if packaged is not None:
+            return ResolvedCheckpoint(packaged, spec.hf_id, "package")
+    return _resolve_hub(spec.hf_id, revision)
+
+
+def _package_path(package: str) -> Path | None:
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        return None
+    path = Path(module.get_model_path())
+    return path.resolve() if path.is_dir() else None
+
+
+def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedCheckpoint:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hf_cache_dir()
+    try:
+        path = snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True)
+    except LocalEntryNotFoundError:
+        if is_offline():
+            pinned = f" at revision {revision!r}" if revision else ""
+            raise ModelNotAvailableError(
+                f"model {repo_id!r}{pinned} is not in the local Hugging Face cache {str(cache)!r} "
+                "and downloads are off (HF_HUB_OFFLINE=1). Fix: run once with network access "
+                "(unset HF_HUB_OFFLINE) to download it, point HF_HOME/HF_HUB_CACHE at a cache "
+                "that holds it, or pass the path of a local model directory instead."
+            ) from None
+        path = _download(repo_id, revision, cache)
+    path = Path(path)
+    return ResolvedCheckpoint(path, repo_id, "hub", revision=path.name)
+
+
+def _download(repo_id: str, revision: str | None, cache: Path) -> str:
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        files = [s.rfilename for s in HfApi().model_info(repo_id, revision=revision).siblings or []]
+        # Prefer safetensors: skip pickle, TF, Flax and ONNX weights when they are there.
+        ignore = None
+        if any(f.endswith(".safetensors") for f in files):
+            ignore = [*PICKLE_WEIGHTS, "*.h5", "*.msgpack", "*.onnx", "onnx/*", "openvino/*"]
+        return snapshot_download(repo_id, revision=revision, cache_dir=cache, ignore_patterns=ignore)
+    except Exception as exc:  # network, auth, missing repo: one clear message, the cause chained
+        raise ModelNotAvailableError(
+            f"could not download model {repo_id!r} into {str(cache)!r}: {exc}. Fix: check the id "
+            "and your network or token, or pass the path of a local model directory."
+        ) from exc
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The parsed config.json of a model directory; `CheckpointError` when there is none."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"{str(path)!r} has no config.json, so it is not a Hugging Face model directory. "
+            "Fix: point at the directory that save_pretrained() wrote."
+        )
+    try:
+        return dict(json.loads(config_file.read_text(encoding="utf-8")))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{str(config_file)!r} is not valid JSON ({exc}). Fix: rewrite it with save_pretrained().") from None
+
+
+def check_weights(path: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> bool:
+    """Refuse directories that cannot be loaded safely; return True when weights are safetensors."""
+    config = read_config(path)
+    if "auto_map" in config and not trust_remote_code:
+        raise UnsafeCheckpointError(
+            f"{str(path)!r} ships its own model code (auto_map in config.json); loading it runs "
+            "that code. Fix: pass trust_remote_code=True (--trust-remote-code) if you trust it."
+        )
+    if any(path.glob(pattern) for pattern in SAFE_WEIGHTS):
+        return True
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+    if not pickles:
+        raise CheckpointError(
+            f"{str(path)!r} holds no weight files (no *.safetensors, no pytorch_model.bin). "
+            "Fix: save the model there with save_pretrained(), or pass another directory."
+        )
+    if not allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{str(path)!r} has only pickle weights ({', '.join(pickles)}); unpickling runs "
+            "arbitrary code. Fix: convert them to safetensors, or pass allow_pickle=True "
+            "(--allow-pickle) if you trust the files."
+        )
+    return False
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 over the names and bytes of the files that determine a checkpoint's outputs."""
+    files = sorted(
+        p for p in Path(path).rglob("*") if p.is_file() and p.suffix in _IDENTITY_SUFFIXES
+    )
+    signature = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _hash_files(Path(path), signature)
+
+
+@lru_cache(maxsize=32)
+def _hash_files(root: Path, signature: tuple[tuple[str, int, int], ...]) -> str:
+    # Keyed by (path, size, mtime) so a multi-GB directory is read once per process.
+    digest = hashlib.sha256()
+    for name, _size, _mtime in signature:
+        digest.update(Path(name).relative_to(root).as_posix().encode() + b"\0")
+        with open(name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
