@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from schemas.errors import ConfigError
 
@@ -45,9 +46,7 @@ def parse_dtype_name(value: str) -> str:
     """Map a user spelling ('bfloat16', 'half', ...) to its canonical short name ('bf16', ...)."""
     key = str(value).strip().lower().removeprefix("torch.")
     if key not in DTYPE_ALIASES:
-        raise ConfigError(
-            f"invalid dtype {value!r}; accepted: {', '.join(sorted(DTYPE_ALIASES))}"
-        )
+        raise ConfigError(f"invalid dtype {value!r}; accepted: {', '.join(sorted(DTYPE_ALIASES))}")
     return DTYPE_ALIASES[key]
 
 
@@ -95,10 +94,10 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; `ModelSpec.from_dict` inverts it."""
-        d = asdict(self) | {"tokenizer_kwargs": None}
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         if self.tokenizer_kwargs is not None:
-            d["tokenizer_kwargs"] = dict(self.tokenizer_kwargs)
-        return d
+            data["tokenizer_kwargs"] = dict(self.tokenizer_kwargs)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:

@@ -7,8 +7,8 @@ runners load it exactly as they would a downloaded checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import transformers
@@ -38,7 +38,9 @@ def bert_tokenizer() -> transformers.PreTrainedTokenizerBase:
     _train(tok, trainers.WordPieceTrainer(vocab_size=VOCAB, special_tokens=specials))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
     )
     return transformers.BertTokenizer(
         tokenizer_object=tok, do_lower_case=False, model_max_length=MAX_LEN,

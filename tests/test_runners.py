@@ -95,12 +95,14 @@ class RunnerConformance:
             for name, states in self.direct_stacks(alone).items():
                 for layer, (a, b) in enumerate(zip(got.stacks()[name], states, strict=True)):
                     torch.testing.assert_close(
-                        a[i, :n], b[0, :n], atol=BATCHED, rtol=BATCHED, msg=f"example {i} {name} layer {layer}"
+                        a[i, :n],
+                        b[0, :n],
+                        atol=BATCHED,
+                        rtol=BATCHED,
+                        msg=f"example {i} {name} layer {layer}",
                     )
             if self.has_logits:
-                torch.testing.assert_close(
-                    got.logits[i, :n], alone.logits[0, :n], atol=BATCHED, rtol=BATCHED
-                )
+                torch.testing.assert_close(got.logits[i, :n], alone.logits[0, :n], atol=BATCHED, rtol=BATCHED)
 
     def test_hidden_states_start_with_the_embeddings(self, runner: BaseModelRunner) -> None:
         batch = runner.tokenize(SENTENCES[:3])

@@ -19,20 +19,22 @@ from pipeline.models.base import BaseModelRunner
 from pipeline.models.decoder_only import DecoderModelRunner
 from pipeline.models.encoder_only import EncoderModelRunner
 from pipeline.models.helpers import coerce_device, resolve_dtype
-from pipeline.models.hub import ResolvedCheckpoint, read_config, resolve_checkpoint
+from pipeline.models.hub import ResolvedCheckpoint, resolve_checkpoint
+from pipeline.models.hub import read_config as _read_config
 from pipeline.models.registry import REGISTRY, get_spec, list_available_models
 from pipeline.models.seq2seq import Seq2SeqModelRunner
 from schemas import CheckpointError, ModelSpec
 
 __all__ = [
-    "RUNNERS",
     "REGISTRY",
+    "RUNNERS",
     "BaseModelRunner",
     "DecoderModelRunner",
     "EncoderModelRunner",
     "ResolvedCheckpoint",
     "Seq2SeqModelRunner",
     "coerce_device",
+    "get_spec",
     "list_available_models",
     "load_model",
     "resolve_checkpoint",
@@ -83,7 +85,7 @@ def resolve_spec(model: str | Path | ModelSpec) -> ModelSpec:
 
 def spec_from_directory(path: Path) -> ModelSpec:
     """Infer a spec for a `save_pretrained` directory from its config.json."""
-    config = read_config(path)
+    config = _read_config(path)
     return ModelSpec(name=path.resolve().name, hf_id=str(path.resolve()), arch=_infer_arch(config))
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -66,7 +67,9 @@ class BaseModelRunner(ABC):
         checkpoint: ResolvedCheckpoint | None = None,
     ) -> None:
         if spec.arch != self.arch:
-            raise ConfigError(f"{type(self).__name__} runs {self.arch!r} models, not {spec.arch!r} ({spec.name!r})")
+            raise ConfigError(
+                f"{type(self).__name__} runs {self.arch!r} models, not {spec.arch!r} ({spec.name!r})"
+            )
         self.spec = spec
         self.device = coerce_device(device)
         self.dtype = resolve_dtype(dtype, default=spec.dtype)
@@ -86,7 +89,7 @@ class BaseModelRunner(ABC):
     # -- loading ---------------------------------------------------------------------------
 
     @abstractmethod
-    def _load_model(self) -> torch.nn.Module:
+    def _load_model(self) -> Any:
         """Load and return the model (use `_from_pretrained`)."""
 
     def _quant_bits(self, quantization: bool | int | None) -> int | None:
@@ -176,7 +179,9 @@ class BaseModelRunner(ABC):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> ModelOutputs:
         """Run the model on a `tokenize` batch with every hidden state returned."""
         if "input_ids" not in batch:
-            raise ConfigError("forward() needs a batch with 'input_ids'; build it with runner.tokenize(texts)")
+            raise ConfigError(
+                "forward() needs a batch with 'input_ids'; build it with runner.tokenize(texts)"
+            )
         inputs = self._model_inputs(batch)
         with torch.inference_mode():
             out = self.model(

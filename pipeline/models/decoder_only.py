@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-import warnings
+import logging
 from typing import Any
-
-import torch
 
 from pipeline.models.base import BaseModelRunner
 from schemas import CheckpointError
 
 __all__ = ["DecoderModelRunner"]
 
-# bitsandbytes warns on every 8-bit matmul that fp32 inputs are cast to fp16; once is plenty.
-warnings.filterwarnings("once", message=r"MatMul8bitLt: inputs will be cast")
+
+class _OncePerMessage(logging.Filter):
+    """Let each distinct message through once: bitsandbytes logs its fp16 cast on every matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        first = record.msg not in self._seen
+        self._seen.add(record.msg)
+        return first
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_OncePerMessage())
 
 
 class DecoderModelRunner(BaseModelRunner):
@@ -40,7 +51,7 @@ class DecoderModelRunner(BaseModelRunner):
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
 
-    def _load_model(self) -> torch.nn.Module:
+    def _load_model(self) -> Any:
         from transformers import AutoModelForCausalLM
 
         model = self._from_pretrained(AutoModelForCausalLM)

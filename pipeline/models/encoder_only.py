@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from pipeline.models.base import BaseModelRunner, quiet_transformers
 from schemas import CheckpointError
 
@@ -24,7 +22,7 @@ class EncoderModelRunner(BaseModelRunner):
     arch = "encoder_only"
     hidden_field = "encoder_hidden_states"
 
-    def _load_model(self) -> torch.nn.Module:
+    def _load_model(self) -> Any:
         from transformers import AutoModel, AutoModelForMaskedLM
 
         self.has_lm_head = False

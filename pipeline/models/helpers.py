@@ -25,9 +25,7 @@ def resolve_dtype(value: str | torch.dtype | None, default: str = "fp32") -> tor
     """
     if isinstance(value, torch.dtype):
         if value not in _TORCH_DTYPES.values():
-            raise ConfigError(
-                f"unsupported dtype {value!r}; accepted: {', '.join(sorted(DTYPE_ALIASES))}"
-            )
+            raise ConfigError(f"unsupported dtype {value!r}; accepted: {', '.join(sorted(DTYPE_ALIASES))}")
         return value
     return _TORCH_DTYPES[parse_dtype_name(default if value is None else value)]
 
@@ -64,7 +62,7 @@ def coerce_device(value: str | int | torch.device | None = None) -> torch.device
                 "are visible. Fix: pick an index below that, or 'auto'."
             )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device 'mps' asked for, but MPS is not available here. Fix: use 'cpu' or 'auto'.")
+        raise ConfigError("device 'mps' asked for, but MPS is not available here. Fix: use 'cpu' or 'auto'.")
     return device
 
 

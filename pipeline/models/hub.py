@@ -59,7 +59,9 @@ class ResolvedCheckpoint:
 
 def is_offline() -> bool:
     """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, read now rather than at import."""
-    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def hf_cache_dir() -> Path:
@@ -100,7 +102,7 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedCheckpoint:
 
     cache = hf_cache_dir()
     try:
-        path = snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True)
+        found = snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True)
     except LocalEntryNotFoundError:
         if is_offline():
             pinned = f" at revision {revision!r}" if revision else ""
@@ -110,9 +112,9 @@ def _resolve_hub(repo_id: str, revision: str | None) -> ResolvedCheckpoint:
                 "(unset HF_HUB_OFFLINE) to download it, point HF_HOME/HF_HUB_CACHE at a cache "
                 "that holds it, or pass the path of a local model directory instead."
             ) from None
-        path = _download(repo_id, revision, cache)
-    path = Path(path)
-    return ResolvedCheckpoint(path, repo_id, "hub", revision=path.name)
+        found = _download(repo_id, revision, cache)
+    path = Path(found)
+    return ResolvedCheckpoint(path, repo_id, "hub", revision=path.name)  # snapshots/<commit>
 
 
 def _download(repo_id: str, revision: str | None, cache: Path) -> str:
@@ -143,7 +145,9 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         return dict(json.loads(config_file.read_text(encoding="utf-8")))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{str(config_file)!r} is not valid JSON ({exc}). Fix: rewrite it with save_pretrained().") from None
+        raise CheckpointError(
+            f"{str(config_file)!r} is not valid JSON ({exc}). Fix: rewrite it with save_pretrained()."
+        ) from None
 
 
 def check_weights(path: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> bool:
@@ -154,7 +158,7 @@ def check_weights(path: Path, *, allow_pickle: bool = False, trust_remote_code: 
             f"{str(path)!r} ships its own model code (auto_map in config.json); loading it runs "
             "that code. Fix: pass trust_remote_code=True (--trust-remote-code) if you trust it."
         )
-    if any(path.glob(pattern) for pattern in SAFE_WEIGHTS):
+    if any(any(path.glob(pattern)) for pattern in SAFE_WEIGHTS):
         return True
     pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
     if not pickles:
@@ -173,9 +177,7 @@ def check_weights(path: Path, *, allow_pickle: bool = False, trust_remote_code: 
 
 def content_hash(path: Path) -> str:
     """SHA-256 over the names and bytes of the files that determine a checkpoint's outputs."""
-    files = sorted(
-        p for p in Path(path).rglob("*") if p.is_file() and p.suffix in _IDENTITY_SUFFIXES
-    )
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in _IDENTITY_SUFFIXES)
     signature = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
     return _hash_files(Path(path), signature)
 

@@ -13,7 +13,8 @@ Policy (``decoder_input``):
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -33,13 +34,12 @@ class Seq2SeqModelRunner(BaseModelRunner):
 
     def __init__(self, *args: Any, decoder_input: str = "shifted", **kwargs: Any) -> None:
         if decoder_input not in DECODER_INPUT_POLICIES:
-            raise ConfigError(
-                f"unknown decoder_input policy {decoder_input!r}; use one of {', '.join(DECODER_INPUT_POLICIES)}"
-            )
+            choices = ", ".join(DECODER_INPUT_POLICIES)
+            raise ConfigError(f"unknown decoder_input policy {decoder_input!r}; use one of {choices}")
         self.decoder_input = decoder_input
         super().__init__(*args, **kwargs)
 
-    def _load_model(self) -> torch.nn.Module:
+    def _load_model(self) -> Any:
         from transformers import AutoModelForSeq2SeqLM
 
         model = self._from_pretrained(AutoModelForSeq2SeqLM)
