@@ -10,7 +10,13 @@
     │   │   └── UnsafeCheckpointError             only pickle weights / remote code, not allowed
     │   └── QuantizationUnsupportedError (RuntimeError)
     │                                             bitsandbytes missing or not usable on the device
-    └── CacheError                                the activation store (see ``cache``)
+    └── CacheError                                the activation store
+        ├── StoreNotFoundError (FileNotFoundError) no store for a key, alias or path
+        ├── IncompleteStoreError                  shards still missing (allow_partial reads the rest)
+        ├── ShardClaimedError                     another live process is writing that shard
+        ├── StoreCorruptError                     manifest, marker or chunk fails its checksum
+        ├── SchemaVersionError                    written by a schema version we cannot read
+        └── LayoutMismatchError (ValueError)      data that does not fit the store's layout
 
 Every message names the offending value and says what to do about it.
 """
@@ -22,9 +28,15 @@ __all__ = [
     "CacheError",
     "CheckpointError",
     "ConfigError",
+    "IncompleteStoreError",
+    "LayoutMismatchError",
     "ModelError",
     "ModelNotAvailableError",
     "QuantizationUnsupportedError",
+    "SchemaVersionError",
+    "ShardClaimedError",
+    "StoreCorruptError",
+    "StoreNotFoundError",
     "UnknownModelError",
     "UnsafeCheckpointError",
 ]
@@ -67,3 +79,27 @@ class QuantizationUnsupportedError(ModelError, RuntimeError):
 
 class CacheError(ActcacheError):
     """Base of the activation store's errors."""
+
+
+class StoreNotFoundError(CacheError, FileNotFoundError):
+    """No store for that key, alias or path."""
+
+
+class IncompleteStoreError(CacheError):
+    """The store still has shards to write; `allow_partial=True` reads the done ones."""
+
+
+class ShardClaimedError(CacheError):
+    """Another live process is writing that shard."""
+
+
+class StoreCorruptError(CacheError):
+    """A manifest, marker or chunk does not match what was committed."""
+
+
+class SchemaVersionError(CacheError):
+    """The store was written by a schema version this actcache cannot read."""
+
+
+class LayoutMismatchError(CacheError, ValueError):
+    """Data handed to the writer does not fit the store's layout."""

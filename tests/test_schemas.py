@@ -76,3 +76,89 @@ def test_schemas_imports_neither_torch_nor_the_other_layers() -> None:
     code = "import sys, schemas; print(sorted(m for m in ('torch','pipeline','cache') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@given(
+    lengths=st.lists(st.integers(0, 50), max_size=60),
+    shard_tokens=st.integers(1, 200),
+    token_chunk=st.integers(1, 64),
+    example_chunk=st.integers(1, 16),
+)
+def test_shard_plan_invariants(
+    lengths: list[int], shard_tokens: int, token_chunk: int, example_chunk: int
+) -> None:
+    from schemas.store import Geometry, plan_geometry
+
+    g = plan_geometry(
+        lengths, shard_tokens=shard_tokens, token_chunk=token_chunk, example_chunk=example_chunk
+    )
+    assert Geometry.from_dict(g.to_dict()) == g
+    assert (g.n_examples, g.n_tokens) == (len(lengths), sum(lengths))
+    ex = tok = phys = 0
+    for i, s in enumerate(g.shards):
+        assert s.index == i and (s.ex_start, s.tok_start) == (ex, tok)
+        assert s.ex_start % example_chunk == 0 and s.phys_start % token_chunk == 0
+        assert s.phys_start >= phys, "physical token regions never overlap"
+        assert s.n_tokens == sum(lengths[s.ex_start : s.ex_stop]) and s.n_examples > 0
+        if s.ex_stop != len(lengths):
+            assert s.ex_stop % example_chunk == 0
+        ex, tok, phys = s.ex_stop, s.tok_stop, s.phys_stop(token_chunk)
+    assert ex == len(lengths) and tok == sum(lengths)
+
+
+@given(specs, st.lists(st.integers(0, 30), min_size=1, max_size=20), st.booleans())
+def test_manifest_round_trips_through_dict(spec: ModelSpec, lengths: list[int], complete: bool) -> None:
+    from schemas.store import Manifest, build_arrays, plan_geometry
+
+    manifest = Manifest(
+        key="0" * 32,
+        request={"model": spec.to_dict(), "dataset": {"content_hash": "x"}},
+        geometry=plan_geometry(lengths, shard_tokens=25, token_chunk=8, example_chunk=4),
+        arrays=build_arrays(
+            stacks={"encoder": 16, "decoder": 16},
+            n_layers=3,
+            store_dtype="bfloat16",
+            poolings={"encoder": ("mean", "first"), "decoder": ("last",)},
+            logits="topk:5",
+        ),
+        layers=(0, 2, 5),
+        n_states=6,
+        stacks=("encoder", "decoder"),
+        complete=complete,
+    )
+    assert Manifest.from_dict(manifest.to_dict()) == manifest
+
+
+@given(
+    st.one_of(
+        st.just("all"),
+        st.just("-1"),
+        st.lists(st.integers(-13, 12), min_size=1, max_size=5).map(lambda v: ",".join(map(str, v))),
+    )
+)
+def test_output_spec_round_trip_and_layer_resolution(layers: str) -> None:
+    from schemas.request import OutputSpec
+
+    spec = OutputSpec(layers=layers)
+    assert OutputSpec.from_dict(spec.to_dict()) == spec
+    resolved = spec.resolve_layers(13)
+    assert list(resolved) == sorted(set(resolved)) and all(0 <= i < 13 for i in resolved)
+
+
+@pytest.mark.parametrize("bad", ["topk:0", "topk:-2", "topk", "top5", "all", ""])
+def test_invalid_logits_modes(bad: str) -> None:
+    from schemas.request import OutputSpec
+
+    with pytest.raises(ConfigError, match="'topk:K' with K >= 1"):
+        OutputSpec(logits=bad)
+
+
+def test_invalid_layers_and_store_dtype() -> None:
+    from schemas.request import OutputSpec
+
+    with pytest.raises(ConfigError, match="layer 13 is out of range.*13 hidden states"):
+        OutputSpec(layers="0,13").resolve_layers(13)
+    with pytest.raises(ConfigError, match="invalid layers 'x,y'"):
+        OutputSpec(layers="x,y")
+    with pytest.raises(ConfigError, match="invalid storage dtype 'int8'"):
+        OutputSpec(store_dtype="int8")

@@ -1,0 +1,185 @@
+"""The catalog of a cache root: aliases, finding a store by key, alias or path; ls, rm, gc."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cache.files import flocked, read_json, write_json
+from cache.keys import is_key
+from cache.paths import alias_path, cache_root, store_path
+from schemas import ActcacheError, StoreNotFoundError
+from schemas.store import ALIASES_DIR, MANIFEST_FILE, STORE_SUFFIX, STORES_DIR, Manifest
+
+__all__ = [
+    "StoreInfo",
+    "add_alias",
+    "find_store",
+    "gc",
+    "list_stores",
+    "read_manifest",
+    "remove_store",
+    "store_bytes",
+]
+
+
+def read_manifest(path: Path) -> Manifest:
+    """The manifest of the store at `path`."""
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise StoreNotFoundError(
+            f"{str(path)!r} is not an actcache store (no {MANIFEST_FILE}). Fix: pass a key, an alias "
+            "or a store path listed by `actcache ls`."
+        )
+    return Manifest.from_dict(read_json(manifest_file, "manifest"))
+
+
+def add_alias(root: Path, alias: str, key: str) -> None:
+    """Record that `alias` names store `key` (most recent last)."""
+    path = alias_path(root, alias)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with flocked(path.with_name(path.name + ".lock")):
+        keys = _alias_keys(path)
+        keys = [k for k in keys if k != key] + [key]
+        write_json(path, {"alias": alias, "keys": keys})
+
+
+def _alias_keys(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    data = read_json(path, "alias file")
+    return [k for k in data.get("keys", []) if isinstance(k, str) and is_key(k)]
+
+
+def find_store(ref: str | os.PathLike[str], root: Path | None = None, *, complete_only: bool = False) -> Path:
+    """The store directory named by a path, a key, or an alias (its newest store).
+
+    With `complete_only`, an alias resolves to its newest *complete* store when it has one.
+    """
+    root = root or cache_root()
+    text = os.fspath(ref)
+    candidate = Path(text).expanduser()
+    if (candidate / MANIFEST_FILE).is_file():
+        return candidate.absolute()
+    if is_key(text):
+        path = store_path(root, text)
+        if path.is_dir():
+            return path
+    keys = [k for k in _alias_keys(alias_path(root, text)) if store_path(root, k).is_dir()]
+    if keys:
+        if complete_only:
+            complete = [k for k in keys if _is_complete(store_path(root, k))]
+            keys = complete or keys
+        return store_path(root, keys[-1])
+    raise StoreNotFoundError(
+        f"no store {text!r} in {str(root)!r}: not a store path, key or alias there. "
+        "Fix: `actcache ls` lists what is cached (pass --cache-dir or set ACTCACHE_DIR for "
+        "another root), or run `actcache extract` to make it."
+    )
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        return read_manifest(path).complete
+    except ActcacheError:
+        return False
+
+
+def store_bytes(path: Path) -> int:
+    """Bytes on disk under `path` (allocated blocks, as du counts them)."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """One row of `actcache ls`."""
+
+    key: str
+    path: Path
+    aliases: tuple[str, ...]
+    complete: bool
+    shards_done: int
+    shards_total: int
+    n_examples: int
+    n_tokens: int
+    bytes: int
+    created_at: str
+    error: str | None = None
+
+
+def list_stores(root: Path | None = None) -> list[StoreInfo]:
+    """Every store under `root`, oldest first; unreadable ones are listed with their error."""
+    from cache.integrity import marker_path
+
+    root = root or cache_root()
+    infos = []
+    for path in sorted((root / STORES_DIR).glob(f"*{STORE_SUFFIX}")):
+        key = path.name.removesuffix(STORE_SUFFIX)
+        try:
+            m = read_manifest(path)
+        except ActcacheError as exc:
+            infos.append(StoreInfo(key, path, (), False, 0, 0, 0, 0, store_bytes(path), "", str(exc)))
+            continue
+        done = sum(marker_path(path, s.index).is_file() for s in m.geometry.shards)
+        infos.append(
+            StoreInfo(
+                key, path, m.aliases, m.complete, done, len(m.geometry.shards),
+                m.geometry.n_examples, m.geometry.n_tokens, store_bytes(path), m.created_at,
+            )
+        )  # fmt: skip
+    return sorted(infos, key=lambda i: (i.created_at, i.key))
+
+
+def remove_store(ref: str | os.PathLike[str], root: Path | None = None) -> Path:
+    """Delete a store (by key, alias or path) and drop it from its aliases; returns its path."""
+    root = root or cache_root()
+    path = find_store(ref, root)
+    key = path.name.removesuffix(STORE_SUFFIX)
+    shutil.rmtree(path)
+    path.with_name(path.name + ".lock").unlink(missing_ok=True)
+    for alias_file in (root / ALIASES_DIR).glob("*.json"):
+        with flocked(alias_file.with_name(alias_file.name + ".lock")):
+            data: dict[str, Any] = read_json(alias_file, "alias file")
+            if key in data.get("keys", []):
+                data["keys"] = [k for k in data["keys"] if k != key]
+                write_json(alias_file, data)
+    return path
+
+
+def gc(older_than_days: float, root: Path | None = None) -> list[Path]:
+    """Remove incomplete stores (and crashed creations) untouched for `older_than_days`."""
+    root = root or cache_root()
+    cutoff = dt.datetime.now().timestamp() - older_than_days * 86400
+    removed = []
+    for path in sorted((root / STORES_DIR).glob("*")):
+        if not path.is_dir() or _newest_mtime(path) > cutoff:
+            continue
+        if path.name.endswith(".incomplete") or not _is_complete(path):
+            if path.name.endswith(STORE_SUFFIX):
+                remove_store(path, root)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.stat().st_mtime
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+            except FileNotFoundError:
+                pass
+    return newest

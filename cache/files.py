@@ -1,0 +1,81 @@
+"""File primitives of the store: atomic writes, JSON files, advisory locks."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from schemas import StoreCorruptError
+
+__all__ = ["PARTIAL_SUFFIX", "atomic_write_bytes", "flocked", "read_json", "try_flock", "write_json"]
+
+PARTIAL_SUFFIX = ".partial"  # the same suffix zarr's LocalStore gives its temp files
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all: a sibling temp file, fsync, rename."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parse a JSON file; a mangled one is `StoreCorruptError` naming `what` it was."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StoreCorruptError(
+            f"{what} {str(path)!r} is not valid JSON ({exc}). Fix: run `actcache verify` on the store "
+            "(it resets what it cannot trust), or remove the store and extract again."
+        ) from None
+
+
+def try_flock(path: Path) -> int | None:
+    """Open `path` and take an exclusive advisory lock without waiting; the fd, or None if held.
+
+    The kernel drops the lock when its holder dies, even by SIGKILL, so a dead writer's
+    lock never needs breaking. A lock file unlinked after we opened it is stale: retry on
+    the file that is there now.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def flocked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` for the block, waiting for it if need be."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

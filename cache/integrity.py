@@ -1,0 +1,157 @@
+"""Shard commit markers and their checksums: what `verify` recomputes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cache.files import flocked, read_json, write_json
+from schemas import StoreCorruptError
+from schemas.store import MANIFEST_FILE, MARKER_SUFFIX, SHARDS_DIR, Manifest, ShardRange
+
+__all__ = [
+    "VerifyReport",
+    "checksum_file",
+    "marker_path",
+    "read_marker",
+    "shard_checksums",
+    "verify",
+    "verify_store",
+]
+
+
+def checksum_file(path: Path) -> str | None:
+    """BLAKE2b-128 of a chunk file's bytes; None when the file is absent."""
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.blake2b(fh.read(), digest_size=16).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def shard_checksums(store: Path, manifest: Manifest, shard: ShardRange) -> dict[str, dict[str, str | None]]:
+    """Checksums of every chunk file `shard` owns, by array and chunk key."""
+    return {
+        spec.name: {
+            key: checksum_file(store / spec.name / key) for key in spec.shard_chunks(shard, manifest.geometry)
+        }
+        for spec in manifest.arrays
+    }
+
+
+def marker_path(store: Path, index: int) -> Path:
+    return store / SHARDS_DIR / f"{index:06d}{MARKER_SUFFIX}"
+
+
+def read_marker(store: Path, shard: ShardRange) -> dict[str, Any] | None:
+    """The shard's marker if it is there and names this shard's ranges; None if absent."""
+    path = marker_path(store, shard.index)
+    if not path.is_file():
+        return None
+    marker = read_json(path, f"marker of shard {shard.index}")
+    if not isinstance(marker, dict) or marker.get("range") != shard.to_dict():
+        raise StoreCorruptError(f"marker of shard {shard.index} does not describe that shard")
+    return marker
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found: done shards, missing ones, and corrupt ones with what is wrong."""
+
+    key: str
+    path: Path
+    n_shards: int
+    done: list[int] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)
+    corrupt: dict[int, list[str]] = field(default_factory=dict)
+    reset: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.corrupt
+
+    def summary(self) -> str:
+        lines = [f"store {self.key}: {len(self.done)}/{self.n_shards} shards verified"]
+        if self.missing:
+            lines.append(f"  missing (never committed): shards {_ranges(self.missing)}")
+        for index, problems in sorted(self.corrupt.items()):
+            shown = "; ".join(problems[:3]) + (f"; ... {len(problems) - 3} more" if len(problems) > 3 else "")
+            lines.append(f"  corrupt shard {index}: {shown}")
+        if self.reset:
+            lines.append(
+                f"  reset to pending: shards {_ranges(self.reset)} (rerun the same extract to redo them)"
+            )
+        return "\n".join(lines)
+
+
+def verify_store(store: Path, manifest: Manifest) -> VerifyReport:
+    """Recompute every committed shard's chunk checksums against its marker."""
+    report = VerifyReport(manifest.key, store, len(manifest.geometry.shards))
+    for shard in manifest.geometry.shards:
+        try:
+            marker = read_marker(store, shard)
+        except StoreCorruptError as exc:
+            report.corrupt[shard.index] = [str(exc)]
+            continue
+        if marker is None:
+            report.missing.append(shard.index)
+            continue
+        problems = _compare(marker.get("checksums", {}), shard_checksums(store, manifest, shard))
+        if problems:
+            report.corrupt[shard.index] = problems
+        else:
+            report.done.append(shard.index)
+    return report
+
+
+def _compare(
+    recorded: dict[str, dict[str, str | None]], actual: dict[str, dict[str, str | None]]
+) -> list[str]:
+    problems = []
+    for array, chunks in actual.items():
+        for key, digest in chunks.items():
+            expected = recorded.get(array, {}).get(key, "unrecorded")
+            if digest == expected:
+                continue
+            if digest is None:
+                problems.append(f"{array}/{key} is missing")
+            else:
+                problems.append(f"{array}/{key} checksum mismatch")
+    return problems
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    parts, start = [], None
+    for i, value in enumerate(sorted(indices)):
+        if start is None:
+            start = value
+        nxt = sorted(indices)[i + 1] if i + 1 < len(indices) else None
+        if nxt != value + 1:
+            parts.append(f"{start}" if start == value else f"{start}-{value}")
+            start = None
+    return ", ".join(parts)
+
+
+def verify(ref: str | os.PathLike[str], root: Path | None = None, *, reset: bool = False) -> VerifyReport:
+    """Recompute the checksums of store `ref` (key, alias or path) and report by shard.
+
+    With `reset`, corrupt shards lose their markers (they become pending, so the next run
+    of the same extract redoes exactly them) and a complete store is marked incomplete.
+    """
+    from cache.catalog import find_store, read_manifest
+
+    path = find_store(ref, root)
+    manifest = read_manifest(path)
+    report = verify_store(path, manifest)
+    if reset and report.corrupt:
+        with flocked(path.with_name(path.name + ".lock")):
+            for index in sorted(report.corrupt):
+                marker_path(path, index).unlink(missing_ok=True)
+                report.reset.append(index)
+            if manifest.complete:
+                write_json(path / MANIFEST_FILE, manifest.with_(complete=False, completed_at=None).to_dict())
+    return report

@@ -1,0 +1,49 @@
+"""Where things live under a cache root; names from users never escape it."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from schemas import ConfigError
+from schemas.store import ALIASES_DIR, STORE_SUFFIX, STORES_DIR
+
+__all__ = ["alias_name", "alias_path", "cache_root", "store_path"]
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """`cache_dir`, else $ACTCACHE_DIR, else the platform's user cache dir (~/.cache/actcache)."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser().absolute()
+    if os.environ.get("ACTCACHE_DIR"):
+        return Path(os.environ["ACTCACHE_DIR"]).expanduser().absolute()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("actcache"))
+
+
+def store_path(root: Path, key: str) -> Path:
+    """The directory of store `key` under `root`."""
+    from cache.keys import is_key
+
+    if not is_key(key):
+        raise ConfigError(f"{key!r} is not a cache key (32 lowercase hex characters)")
+    return root / STORES_DIR / f"{key}{STORE_SUFFIX}"
+
+
+def _slug(text: str) -> str:
+    # '/', '..', absolute paths and anything odd become '-': an alias is one file name.
+    slug = _UNSAFE.sub("-", str(text)).strip(".-")
+    return slug or "unnamed"
+
+
+def alias_name(model: str, data: str) -> str:
+    """The human name of a (model, data) pair, safe as a single file name."""
+    return f"{_slug(model)}__{_slug(data)}"
+
+
+def alias_path(root: Path, alias: str) -> Path:
+    return root / ALIASES_DIR / f"{_slug(alias)}.json"

@@ -1,0 +1,304 @@
+"""The lazy reader: `open_activations(...)` -> `Activations`, Dask arrays over a store.
+
+Opening reads the manifest and the shard markers' names, nothing else; every array is a
+Dask graph over the Zarr chunks until `.compute()`. Token-level arrays are shown on the
+logical token axis (no gaps between shards, no padding anywhere): example i is tokens
+``offsets[i]:offsets[i+1]``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cache.catalog import find_store, read_manifest
+from cache.integrity import marker_path
+from cache.paths import alias_name, cache_root
+from schemas import ConfigError, IncompleteStoreError
+from schemas.store import (
+    EXAMPLES_FILE,
+    LOGITS_ENTROPY,
+    LOGITS_FULL,
+    LOGITS_TARGET_LOGPROB,
+    LOGITS_TOPK_IDS,
+    LOGITS_TOPK_VALUES,
+    OFFSETS,
+    SPECIAL_MASK,
+    TOKEN_IDS,
+    ArraySpec,
+    Manifest,
+    ShardRange,
+    hidden_name,
+    pooled_name,
+)
+
+__all__ = ["Activations", "Example", "open_activations"]
+
+
+def open_activations(
+    ref: str | os.PathLike[str] | None = None,
+    *,
+    model: str | None = None,
+    data: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    allow_partial: bool = False,
+) -> Activations:
+    """Open a store by key, alias or path, or by `model=` and `data=` names.
+
+    >>> acts = open_activations(model="labse", data="xnli")      # doctest: +SKIP
+    >>> acts.pooled(layer=6)                                      # (n_examples, hidden), lazy
+    >>> acts.hidden(layer=-1)[acts.offsets[3].compute():acts.offsets[4].compute()]
+
+    An incomplete store is an error naming the missing shards, unless `allow_partial`,
+    which shows the committed shards only (their examples, in dataset order).
+    """
+    root = cache_root(cache_dir)
+    if ref is None:
+        if model is None or data is None:
+            raise ConfigError("open_activations needs a key, alias or path, or both model= and data=")
+        ref = alias_name(model, data)
+    path = find_store(ref, root, complete_only=True)
+    manifest = read_manifest(path)
+    shards = manifest.geometry.shards
+    if not manifest.complete:
+        done = tuple(s for s in shards if marker_path(path, s.index).is_file())
+        if not allow_partial:
+            missing = [s.index for s in shards if s not in done]
+            raise IncompleteStoreError(
+                f"store {manifest.key} is incomplete: {len(done)}/{len(shards)} shards done, missing "
+                f"shards {missing[:20]}{' ...' if len(missing) > 20 else ''}. Fix: rerun the same "
+                "extract command to finish it, or pass allow_partial=True to read the done shards."
+            )
+        shards = done
+    return Activations(path, manifest, tuple(shards))
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example's ragged slice: its tokens and, per stack, (layer, n_tokens, hidden) states."""
+
+    index: int
+    token_ids: np.ndarray
+    special_mask: np.ndarray
+    hidden: dict[str, np.ndarray] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Activations:
+    """Lazy view of one store (or of its committed shards, for a partial read).
+
+    Dimensions: `hidden` (token, hidden); `pooled` (example, hidden); `token_ids`,
+    `special_mask` (token,); `offsets` (example + 1,); `logits_topk()` values/ids
+    (token, k), target_logprob/entropy (token,). Layers index the model's hidden-states
+    tuple (0 = embeddings); negative ones count from the last.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, shards: tuple[ShardRange, ...]) -> None:
+        import zarr
+
+        self.path = path
+        self.manifest = manifest
+        self.shards = shards
+        self._group = zarr.open_group(path, mode="r")
+        self.n_examples = sum(s.n_examples for s in shards)
+        self.n_tokens = sum(s.n_tokens for s in shards)
+
+    def __repr__(self) -> str:
+        state = "complete" if self.manifest.complete else f"partial: {len(self.shards)} shards"
+        return (
+            f"<Activations {self.key} {self.n_examples} examples, {self.n_tokens} tokens, "
+            f"layers {list(self.layers)}, stacks {list(self.stacks)} ({state})>"
+        )
+
+    @property
+    def key(self) -> str:
+        return self.manifest.key
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Stored hidden-state indices (0 = embeddings)."""
+        return self.manifest.layers
+
+    @property
+    def stacks(self) -> tuple[str, ...]:
+        return self.manifest.stacks
+
+    # -- assembling logical views ----------------------------------------------------------
+
+    def _dask(self, name: str) -> Any:
+        import dask.array as da
+
+        spec = self._spec(name)
+        array = da.from_zarr(self._group[name])
+        if spec.dtype == "bfloat16":  # raw bits -> float32, exactly
+            array = array.map_blocks(lambda b: (b.astype(np.uint32) << 16).view(np.float32), dtype=np.float32)
+        return array
+
+    def _spec(self, name: str) -> ArraySpec:
+        if not self.manifest.has_array(name):
+            held = ", ".join(a.name for a in self.manifest.arrays)
+            raise ConfigError(f"store {self.key} has no array {name!r}; it holds: {held}")
+        return self.manifest.array(name)
+
+    def _pieces(self, spec: ArraySpec) -> list[tuple[int, int]]:
+        """Physical [start, stop) runs of the view along the split axis, adjacent ones merged."""
+        runs: list[tuple[int, int]] = []
+        for s in self.shards:
+            start, stop = (
+                (s.phys_start, s.phys_start + s.n_tokens) if spec.axis == "token" else (s.ex_start, s.ex_stop)
+            )
+            if runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], stop)
+            elif stop > start or not runs:
+                runs.append((start, stop))
+        return runs
+
+    def _logical(self, name: str, *lead: int) -> Any:
+        """Array `name` on the logical axis, with its leading dims indexed by `lead` (if given)."""
+        import dask.array as da
+
+        spec = self._spec(name)
+        array = self._dask(name)[lead] if lead else self._dask(name)
+        axis = len(spec.leading) - len(lead)
+        pieces = [array[(slice(None),) * axis + (slice(a, b),)] for a, b in self._pieces(spec)]
+        return pieces[0] if len(pieces) == 1 else da.concatenate(pieces, axis=axis)
+
+    def _layer_position(self, layer: int) -> int:
+        n = self.manifest.n_states
+        if not -n <= layer < n:
+            raise ConfigError(
+                f"layer {layer} is out of range for a model with {n} hidden states "
+                f"(0 = embeddings ... {n - 1}; negative counts from the last)"
+            )
+        try:
+            return self.layers.index(layer % n)
+        except ValueError:
+            raise ConfigError(
+                f"layer {layer} was not stored; store {self.key} holds layers {list(self.layers)}. "
+                "Fix: pick one of those, or extract again with --layers including it."
+            ) from None
+
+    def _stack(self, stack: str | None) -> str:
+        if stack is None:
+            return self.stacks[-1] if len(self.stacks) == 1 else "encoder"
+        if stack not in self.stacks:
+            raise ConfigError(f"store {self.key} has no {stack!r} stack; it has {list(self.stacks)}")
+        return stack
+
+    # -- public arrays ---------------------------------------------------------------------
+
+    def hidden(self, layer: int, stack: str | None = None) -> Any:
+        """Token-level hidden states of `layer`: dask (n_tokens, hidden), ragged via `offsets`."""
+        return self._logical(hidden_name(self._stack(stack)), self._layer_position(layer))
+
+    def pooled(self, layer: int, how: str = "mean", stack: str | None = None) -> Any:
+        """Per-example pooled states of `layer`: dask (n_examples, hidden). `how`: mean, first, last."""
+        name = pooled_name(self._stack(stack), how)
+        if not self.manifest.has_array(name):
+            held = sorted(
+                a.name.rsplit("_", 1)[1]
+                for a in self.manifest.arrays
+                if a.name.startswith(f"{self._stack(stack)}/pooled_")
+            )
+            raise ConfigError(f"store {self.key} has no {how!r} pooling for that stack; it has {held}")
+        return self._logical(name, self._layer_position(layer))
+
+    @property
+    def token_ids(self) -> Any:
+        """Every stored token id: dask (n_tokens,)."""
+        return self._logical(TOKEN_IDS)
+
+    @property
+    def special_mask(self) -> Any:
+        """1 where a token is special ([CLS], </s>, ...): dask (n_tokens,), for pooling otherwise."""
+        return self._logical(SPECIAL_MASK)
+
+    @property
+    def offsets(self) -> Any:
+        """dask (n_examples + 1,): example i is tokens offsets[i]:offsets[i+1] of this view."""
+        import dask.array as da
+
+        stored = self._dask(OFFSETS)
+        if self.manifest.complete or len(self.shards) == len(self.manifest.geometry.shards):
+            return stored[: self.n_examples + 1]
+        parts, base = [], 0
+        for s in self.shards:
+            parts.append(stored[s.ex_start : s.ex_stop] - s.tok_start + base)
+            base += s.n_tokens
+        parts.append(da.from_array(np.array([base], dtype=np.int64)))
+        return da.concatenate(parts)
+
+    def logits_topk(self) -> dict[str, Any]:
+        """Top-k logits: values and ids (n_tokens, k), target_logprob and entropy (n_tokens,)."""
+        names = {
+            "values": LOGITS_TOPK_VALUES,
+            "ids": LOGITS_TOPK_IDS,
+            "target_logprob": LOGITS_TARGET_LOGPROB,
+            "entropy": LOGITS_ENTROPY,
+        }
+        return {field: self._logical(name) for field, name in names.items()}
+
+    def logits_full(self) -> Any:
+        """Full logits (n_tokens, vocab), for stores extracted with --logits full."""
+        return self._logical(LOGITS_FULL)
+
+    @cached_property
+    def _examples_table(self) -> Any:
+        import pandas as pd
+
+        path = self.path / EXAMPLES_FILE
+        table = (
+            pd.read_parquet(path)
+            if path.is_file()
+            else pd.DataFrame(index=range(self.manifest.geometry.n_examples))
+        )
+        rows = np.concatenate([np.arange(s.ex_start, s.ex_stop) for s in self.shards] or [np.zeros(0, int)])
+        view = table.iloc[rows]
+        view.index = pd.RangeIndex(len(view), name="example")
+        return view
+
+    @property
+    def examples(self) -> Any:
+        """Example metadata (id, language, label, ...) as a pandas DataFrame, one row per example."""
+        return self._examples_table
+
+    def example(self, i: int) -> Example:
+        """Example `i` of this view, computed: its tokens and every stored layer of each stack."""
+        if not -self.n_examples <= i < self.n_examples:
+            raise IndexError(f"example {i} out of range: this view has {self.n_examples} examples")
+        i %= self.n_examples
+        start, stop = (int(v) for v in self.offsets[i : i + 2].compute())
+        hidden = {
+            stack: np.asarray(self._logical(hidden_name(stack))[:, start:stop].compute())
+            for stack in self.stacks
+            if self.manifest.has_array(hidden_name(stack))
+        }
+        return Example(
+            index=i,
+            token_ids=np.asarray(self.token_ids[start:stop].compute()),
+            special_mask=np.asarray(self.special_mask[start:stop].compute()),
+            hidden=hidden,
+            metadata=self.examples.iloc[i].to_dict(),
+        )
+
+    def to_xarray(self) -> Any:
+        """An `xarray.Dataset` over the same lazy arrays, dims named (layer, token, example, hidden)."""
+        import xarray as xr
+
+        variables = {}
+        for spec in self.manifest.arrays:
+            variables[spec.name.replace("/", "_")] = (spec.dims, self._logical_edges(spec))
+        coords: dict[str, Any] = {"layer": list(self.layers)}
+        for column in self.examples.columns:
+            coords[str(column)] = ("example", self.examples[column].to_numpy())
+        return xr.Dataset(
+            variables, coords=coords, attrs={"key": self.key, "n_states": self.manifest.n_states}
+        )
+
+    def _logical_edges(self, spec: ArraySpec) -> Any:
+        return self.offsets if spec.name == OFFSETS else self._logical(spec.name)

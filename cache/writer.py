@@ -1,0 +1,342 @@
+"""`StoreWriter`: create a store, claim shards, write them, commit their markers, finalize.
+
+Commit protocol: a shard's arrays are written first (zarr writes every chunk file
+atomically), then its chunk files are checksummed and its marker is written atomically.
+A shard with a marker is done; without one it is pending, whatever chunk files exist.
+Any number of processes may write one store: a shard is written only under its claim
+(an flock the kernel releases when the holder dies, so a dead writer's claim is taken
+over by the next process that asks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cache.catalog import add_alias
+from cache.files import PARTIAL_SUFFIX, flocked, read_json, try_flock, write_json
+from cache.integrity import marker_path, read_marker, shard_checksums
+from cache.keys import cache_key
+from cache.paths import store_path
+from schemas import LayoutMismatchError, ShardClaimedError, StoreCorruptError
+from schemas.request import ExtractionRequest
+from schemas.store import (
+    CHUNK_KEY_ENCODING,
+    CLAIM_SUFFIX,
+    EXAMPLES_FILE,
+    MANIFEST_FILE,
+    OFFSETS,
+    SHARDS_DIR,
+    ArraySpec,
+    Geometry,
+    Manifest,
+    ShardRange,
+)
+
+__all__ = ["StoreWriter", "offsets_spec", "to_bfloat16_bits", "utcnow"]
+
+
+def utcnow() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def offsets_spec() -> ArraySpec:
+    """The offsets array every store has."""
+    return ArraySpec(OFFSETS, "edge", ("example_edge",), (), (), "int64")
+
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even, NaN kept NaN."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded.astype(np.uint16))
+
+
+def _compressors() -> list[Any]:
+    from zarr.codecs import BloscCodec
+
+    # zstd with byte shuffle: the exponent bytes of float16 values compress well apart.
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")]
+
+
+class StoreWriter:
+    """Writes one store. Get one with `StoreWriter.open_or_create`."""
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._group: Any = None
+
+    # -- creation --------------------------------------------------------------------------
+
+    @classmethod
+    def open_or_create(
+        cls,
+        root: Path,
+        request: ExtractionRequest,
+        *,
+        geometry: Geometry,
+        arrays: Sequence[ArraySpec],
+        layers: Sequence[int],
+        n_states: int,
+        stacks: Sequence[str],
+        examples: Mapping[str, Sequence[Any]] | None = None,
+        provenance: Mapping[str, Any] | None = None,
+        aliases: Sequence[str] = (),
+    ) -> StoreWriter:
+        """The writer of `request`'s store: opened when it exists (its geometry wins), else created.
+
+        Creation builds the whole skeleton (group, empty arrays, manifest, example table)
+        in a sibling temp directory and renames it into place, so a store directory is
+        never half made.
+        """
+        key = cache_key(request)
+        path = store_path(root, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with flocked(path.with_name(path.name + ".lock")):
+            if not path.exists():
+                all_arrays = (offsets_spec(), *(a for a in arrays if a.name != OFFSETS))
+                manifest = Manifest(
+                    key=key,
+                    request=request.to_dict(),
+                    geometry=geometry,
+                    arrays=tuple(all_arrays),
+                    layers=tuple(layers),
+                    n_states=n_states,
+                    stacks=tuple(stacks),
+                    provenance=dict(provenance or {}),
+                    aliases=tuple(aliases),
+                    created_at=utcnow(),
+                )
+                cls._create(path, manifest, examples)
+            writer = cls(path, cls._read_manifest(path))
+            if writer.manifest.geometry.n_tokens != geometry.n_tokens or (
+                writer.manifest.geometry.n_examples != geometry.n_examples
+            ):
+                raise LayoutMismatchError(
+                    f"store {key} holds {writer.manifest.geometry.n_examples} examples / "
+                    f"{writer.manifest.geometry.n_tokens} tokens, but this run has {geometry.n_examples} / "
+                    f"{geometry.n_tokens}. The key should have differed: remove the store "
+                    f"(actcache rm {key}) and run again."
+                )
+        for alias in aliases:
+            add_alias(root, alias, key)
+        return writer
+
+    @staticmethod
+    def _create(path: Path, manifest: Manifest, examples: Mapping[str, Sequence[Any]] | None) -> None:
+        import zarr
+
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.incomplete")
+        try:
+            group = zarr.open_group(tmp, mode="w", zarr_format=3)
+            geometry = manifest.geometry
+            for spec in manifest.arrays:
+                group.create_array(
+                    spec.name,
+                    shape=spec.shape(geometry),
+                    chunks=tuple(max(1, c) for c in spec.chunks(geometry)),
+                    dtype=spec.physical_dtype,
+                    compressors=_compressors(),
+                    fill_value=0,
+                    dimension_names=spec.dims,
+                    chunk_key_encoding=dict(CHUNK_KEY_ENCODING),  # type: ignore[arg-type]
+                    config={"write_empty_chunks": True},  # every owned chunk exists: deletions are detectable
+                )
+            (tmp / SHARDS_DIR).mkdir()
+            if examples is not None:
+                _write_examples(tmp / EXAMPLES_FILE, examples, geometry.n_examples)
+            write_json(tmp / MANIFEST_FILE, manifest.to_dict())
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def _read_manifest(path: Path) -> Manifest:
+        return Manifest.from_dict(read_json(path / MANIFEST_FILE, "manifest"))
+
+    # -- shards ----------------------------------------------------------------------------
+
+    @property
+    def key(self) -> str:
+        return self.manifest.key
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.manifest.geometry
+
+    def done_shards(self) -> set[int]:
+        """Indices of the shards whose marker is committed."""
+        return {s.index for s in self.geometry.shards if marker_path(self.path, s.index).is_file()}
+
+    def pending_shards(self) -> list[ShardRange]:
+        done = self.done_shards()
+        return [s for s in self.geometry.shards if s.index not in done]
+
+    @contextlib.contextmanager
+    def claim(self, index: int) -> Iterator[ShardRange]:
+        """Hold shard `index` for writing; `ShardClaimedError` if a live process holds it."""
+        shard = self.geometry.shards[index]
+        claim_file = self.path / SHARDS_DIR / f"{index:06d}{CLAIM_SUFFIX}"
+        fd = try_flock(claim_file)
+        if fd is None:
+            holder = claim_file.read_text(errors="replace").strip() or "another process"
+            raise ShardClaimedError(
+                f"shard {index} of store {self.key} is being written by {holder}. It will be done "
+                "when that process finishes; run again afterwards to pick up anything it left."
+            )
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {utcnow()}".encode(), 0)
+            self._clean_leftovers(shard)
+            yield shard
+        finally:
+            claim_file.unlink(missing_ok=True)
+            os.close(fd)
+
+    def claims(self) -> Iterator[ShardRange]:
+        """Claim pending shards one at a time, skipping those other processes hold or finish."""
+        for shard in self.pending_shards():
+            try:
+                with self.claim(shard.index) as claimed:
+                    if marker_path(self.path, shard.index).is_file():
+                        continue  # another process committed it after we listed it
+                    yield claimed
+            except ShardClaimedError:
+                continue
+
+    def _clean_leftovers(self, shard: ShardRange) -> None:
+        """Remove temp files a crashed writer of this shard left (zarr's and ours)."""
+        for spec in self.manifest.arrays:
+            for key in spec.shard_chunks(shard, self.geometry):
+                chunk = self.path / spec.name / key
+                for leftover in chunk.parent.glob(f"{chunk.name}.*{PARTIAL_SUFFIX}"):
+                    leftover.unlink(missing_ok=True)
+        marker = marker_path(self.path, shard.index)
+        for leftover in marker.parent.glob(f"{marker.name}.*{PARTIAL_SUFFIX}"):
+            leftover.unlink(missing_ok=True)
+
+    def write_shard(
+        self,
+        shard: ShardRange,
+        arrays: Mapping[str, np.ndarray],
+        lengths: Sequence[int],
+        stats: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write every array of `shard` (logical, unpadded along its split axis), then commit it.
+
+        `lengths` are the token counts of the shard's examples (they give the offsets);
+        `stats` are counters summed into the manifest at `finalize`. Call inside `claim`.
+        """
+        counts = np.asarray(lengths, dtype=np.int64)
+        if counts.shape != (shard.n_examples,) or int(counts.sum()) != shard.n_tokens:
+            raise LayoutMismatchError(
+                f"shard {shard.index} has {shard.n_examples} examples / {shard.n_tokens} tokens; "
+                f"got {counts.size} lengths summing to {int(counts.sum())}"
+            )
+        values = dict(arrays)
+        offsets = shard.tok_start + np.concatenate([[0], np.cumsum(counts)])
+        values[OFFSETS] = offsets if shard.ex_stop == self.geometry.n_examples else offsets[:-1]
+        missing = {spec.name for spec in self.manifest.arrays} - set(values)
+        if missing:
+            raise LayoutMismatchError(f"shard {shard.index}: no data for arrays {sorted(missing)}")
+        group = self._zarr_group()
+        for spec in self.manifest.arrays:
+            start, stop = shard.axis_range(spec.axis, self.geometry)
+            block = self._fit(spec, shard, values[spec.name], stop - start)
+            if stop > start:
+                index = (*(slice(None) for _ in spec.leading), slice(start, stop))
+                group[spec.name][index] = block
+        marker = {
+            "range": shard.to_dict(),
+            "checksums": shard_checksums(self.path, self.manifest, shard),
+            "stats": dict(stats or {}),
+            "written_at": utcnow(),
+            "writer": f"pid {os.getpid()} on {socket.gethostname()}",
+        }
+        write_json(marker_path(self.path, shard.index), marker)
+
+    def _fit(self, spec: ArraySpec, shard: ShardRange, data: np.ndarray, span: int) -> np.ndarray:
+        """Check a shard's block against the layout, cast it, pad token blocks to whole chunks."""
+        data = np.asarray(data)
+        logical = shard.n_tokens if spec.axis == "token" else span
+        expected = (*spec.leading, logical, *spec.trailing)
+        if data.shape != expected:
+            raise LayoutMismatchError(
+                f"shard {shard.index}, array {spec.name!r}: expected shape {expected} "
+                f"({', '.join(spec.dims)}), got {data.shape}"
+            )
+        if spec.dtype == "bfloat16" and data.dtype != np.uint16:
+            data = to_bfloat16_bits(data)
+        data = data.astype(spec.physical_dtype, copy=False)
+        if spec.axis == "token" and span > logical:
+            pad = [(0, 0)] * len(spec.leading) + [(0, span - logical)] + [(0, 0)] * len(spec.trailing)
+            data = np.pad(data, pad)  # the unused tail of the shard's last chunk: written, never read
+        return data
+
+    def _zarr_group(self) -> Any:
+        if self._group is None:
+            import zarr
+
+            self._group = zarr.open_group(self.path, mode="r+")
+        return self._group
+
+    # -- completion ------------------------------------------------------------------------
+
+    def finalize(self, stats: Mapping[str, Any] | None = None) -> Manifest:
+        """Mark the store complete once every shard is committed; shard stats are summed.
+
+        Returns the manifest as written (complete or not).
+        """
+        with flocked(self.path.with_name(self.path.name + ".lock")):
+            manifest = self._read_manifest(self.path)
+            pending = [
+                s.index for s in manifest.geometry.shards if not marker_path(self.path, s.index).is_file()
+            ]
+            if pending or manifest.complete:
+                self.manifest = manifest
+                return manifest
+            totals: dict[str, Any] = {}
+            for shard in manifest.geometry.shards:
+                marker = read_marker(self.path, shard)
+                if marker is None:
+                    raise StoreCorruptError(f"marker of shard {shard.index} vanished during finalize")
+                _add_counts(totals, marker.get("stats", {}))
+            manifest = manifest.with_(
+                complete=True, completed_at=utcnow(), stats={**totals, **dict(stats or {})}
+            )
+            write_json(self.path / MANIFEST_FILE, manifest.to_dict())
+            self.manifest = manifest
+            return manifest
+
+
+def _add_counts(totals: dict[str, Any], counts: Mapping[str, Any]) -> None:
+    """Sum counters: numbers add, equal-length lists add elementwise, dicts recurse."""
+    for name, value in counts.items():
+        if isinstance(value, Mapping):
+            _add_counts(totals.setdefault(name, {}), value)
+        elif isinstance(value, list):
+            current = totals.get(name) or [0] * len(value)
+            totals[name] = [a + b for a, b in zip(current, value, strict=True)]
+        else:
+            totals[name] = totals.get(name, 0) + value
+
+
+def _write_examples(path: Path, columns: Mapping[str, Sequence[Any]], n_examples: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({name: list(values) for name, values in columns.items()})
+    if table.num_rows != n_examples and columns:
+        raise LayoutMismatchError(f"example table has {table.num_rows} rows for {n_examples} examples")
+    pq.write_table(table, path)

@@ -1,0 +1,445 @@
+"""The Zarr store: round trips, ragged slicing, commits, claims, crash leftovers, verify, partial reads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import torch
+
+from cache import (
+    StoreWriter,
+    cache_key,
+    find_store,
+    gc,
+    list_stores,
+    open_activations,
+    read_manifest,
+    remove_store,
+    verify,
+)
+from cache.paths import alias_path, cache_root
+from schemas import (
+    ConfigError,
+    IncompleteStoreError,
+    LayoutMismatchError,
+    SchemaVersionError,
+    ShardClaimedError,
+    StoreNotFoundError,
+)
+from schemas.store import MANIFEST_FILE, hidden_name
+from tests import storegen
+from tests.storegen import HIDDEN, N_STATES, open_writer, shard_arrays, synthetic, write_shard
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def expected_storage(values: np.ndarray, store_dtype: str) -> np.ndarray:
+    """What a store of `store_dtype` should give back, computed by torch, not by us."""
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
+        store_dtype
+    ]
+    stored = torch.from_numpy(values).to(torch_dtype)
+    return stored.numpy() if store_dtype != "bfloat16" else stored.float().numpy()
+
+
+def complete_store(
+    root: Path, store_dtype: str = "float16", order: str = "reverse"
+) -> tuple[StoreWriter, storegen.Synthetic]:
+    data = synthetic()
+    writer = open_writer(root, data, store_dtype)
+    indices = [s.index for s in writer.geometry.shards]
+    for index in reversed(indices) if order == "reverse" else indices:
+        write_shard(writer, data, index)
+    assert writer.finalize().complete
+    return writer, data
+
+
+@pytest.mark.parametrize("store_dtype", ["float16", "bfloat16", "float32"])
+def test_round_trip_per_dtype(_cache_root: Path, store_dtype: str) -> None:
+    writer, data = complete_store(_cache_root, store_dtype)
+    assert len(writer.geometry.shards) > 3, "the test needs several shards"
+    acts = open_activations(writer.key)
+    assert (acts.n_examples, acts.n_tokens) == (len(data.lengths), int(data.lengths.sum()))
+    for layer in range(N_STATES):
+        got = acts.hidden(layer).compute()
+        np.testing.assert_array_equal(got, expected_storage(data.hidden[layer], store_dtype))
+        np.testing.assert_array_equal(
+            acts.pooled(layer).compute(), expected_storage(data.pooled[layer], store_dtype)
+        )
+        np.testing.assert_array_equal(
+            acts.pooled(layer, how="first").compute(), expected_storage(data.pooled[layer] * 2, store_dtype)
+        )
+    np.testing.assert_array_equal(acts.token_ids.compute(), data.token_ids)
+    np.testing.assert_array_equal(acts.special_mask.compute(), data.special)
+    np.testing.assert_array_equal(acts.offsets.compute(), data.offsets)
+    topk = acts.logits_topk()
+    np.testing.assert_array_equal(topk["values"].compute(), data.topk_values)
+    np.testing.assert_array_equal(topk["ids"].compute(), data.topk_ids)
+    np.testing.assert_array_equal(topk["target_logprob"].compute(), data.logprob)
+    np.testing.assert_array_equal(topk["entropy"].compute(), data.entropy)
+    assert acts.examples["id"].tolist() == data.examples["id"]
+    assert acts.examples["label"].tolist() == data.examples["label"]
+
+
+def test_ragged_slices_and_negative_layers(_cache_root: Path) -> None:
+    writer, data = complete_store(_cache_root, "float32")
+    acts = open_activations(writer.key)
+    offsets = data.offsets
+    for i in (0, 3, 17, len(data.lengths) - 1, -1):
+        ex = acts.example(i)
+        j = i % len(data.lengths)
+        span = slice(offsets[j], offsets[j + 1])
+        assert ex.hidden["encoder"].shape == (N_STATES, data.lengths[j], HIDDEN)
+        np.testing.assert_array_equal(ex.hidden["encoder"], data.hidden[:, span])
+        np.testing.assert_array_equal(ex.token_ids, data.token_ids[span])
+        assert ex.metadata["id"] == f"ex-{j}"
+    assert acts.example(3).token_ids.size == 0
+    np.testing.assert_array_equal(acts.hidden(-1).compute(), acts.hidden(N_STATES - 1).compute())
+    with pytest.raises(ConfigError, match="out of range"):
+        acts.hidden(N_STATES)
+    with pytest.raises(ConfigError, match="no 'decoder' stack"):
+        acts.hidden(0, stack="decoder")
+    with pytest.raises(ConfigError, match=r"no 'last' pooling .* \['first', 'mean'\]"):
+        acts.pooled(0, how="last")
+    with pytest.raises(IndexError):
+        acts.example(len(data.lengths))
+
+
+def test_reader_is_lazy(_cache_root: Path) -> None:
+    writer, data = complete_store(_cache_root)
+    # Make one chunk of layer 2 undecodable: opening and building graphs must not touch it,
+    # computing must (zarr would silently fill a merely missing chunk, so write garbage).
+    spec = writer.manifest.array(hidden_name("encoder"))
+    key = next(
+        k for k in spec.shard_chunks(writer.geometry.shards[1], writer.geometry) if k.startswith("c/2/")
+    )
+    chunk = writer.path / spec.name / key
+    chunk.write_bytes(b"not a blosc frame")
+    acts = open_activations(writer.key)
+    lazy = acts.hidden(2)
+    assert isinstance(lazy, da.Array) and isinstance(acts.pooled(1), da.Array)
+    assert lazy.shape == (acts.n_tokens, HIDDEN)
+    np.testing.assert_array_equal(acts.hidden(1).compute(), expected_storage(data.hidden[1], "float16"))
+    with pytest.raises(Exception, match="(?i)blosc|decompress|buffer|header"):
+        lazy.compute()
+
+
+def test_layers_subset_and_error_names_stored_layers(_cache_root: Path) -> None:
+    from schemas.store import build_arrays, plan_geometry
+
+    data = synthetic()
+    geometry = plan_geometry(data.lengths.tolist(), shard_tokens=1000, token_chunk=64, example_chunk=64)
+    arrays = build_arrays(
+        stacks={"encoder": HIDDEN}, n_layers=2, store_dtype="float32", poolings={"encoder": ("mean",)}
+    )
+    req = storegen.request()
+    writer = StoreWriter.open_or_create(
+        _cache_root,
+        req,
+        geometry=geometry,
+        arrays=arrays,
+        layers=(0, 4),
+        n_states=N_STATES,
+        stacks=("encoder",),
+    )
+    with writer.claim(0) as shard:
+        writer.write_shard(
+            shard,
+            {
+                "token_ids": data.token_ids,
+                "special_mask": data.special,
+                "encoder/hidden": data.hidden[[0, 4]],
+                "encoder/pooled_mean": data.pooled[[0, 4]],
+            },
+            data.lengths,
+        )
+    writer.finalize()
+    acts = open_activations(writer.key)
+    np.testing.assert_array_equal(acts.hidden(-1).compute(), data.hidden[4])
+    with pytest.raises(ConfigError, match=r"layer 2 was not stored.*\[0, 4\]"):
+        acts.hidden(2)
+
+
+def test_write_shard_rejects_data_of_the_wrong_shape(_cache_root: Path) -> None:
+    data = synthetic()
+    writer = open_writer(_cache_root, data)
+    with writer.claim(0) as shard:
+        arrays = shard_arrays(data, shard)
+        arrays[hidden_name("encoder")] = arrays[hidden_name("encoder")][:, :-1]
+        with pytest.raises(
+            LayoutMismatchError, match=r"'encoder/hidden': expected shape .*\(layer, token, hidden\)"
+        ):
+            writer.write_shard(shard, arrays, data.lengths[shard.ex_start : shard.ex_stop])
+        with pytest.raises(LayoutMismatchError, match="lengths summing"):
+            writer.write_shard(
+                shard, shard_arrays(data, shard), data.lengths[shard.ex_start : shard.ex_stop] + 1
+            )
+    assert writer.done_shards() == set()
+
+
+def test_incomplete_store_is_an_error_unless_partial(_cache_root: Path) -> None:
+    data = synthetic()
+    writer = open_writer(_cache_root, data)
+    shards = writer.geometry.shards
+    for index in (1, 3):
+        write_shard(writer, data, index)
+    assert not writer.finalize().complete
+    with pytest.raises(IncompleteStoreError) as err:
+        open_activations(writer.key)
+    missing = [s.index for s in shards if s.index not in (1, 3)]
+    assert f"missing shards {missing}" in str(err.value) and "allow_partial=True" in str(err.value)
+    acts = open_activations(writer.key, allow_partial=True)
+    rows = np.concatenate([np.arange(shards[i].ex_start, shards[i].ex_stop) for i in (1, 3)])
+    assert acts.n_examples == len(rows)
+    assert acts.examples["id"].tolist() == [f"ex-{r}" for r in rows]
+    expected_tokens = np.concatenate(
+        [data.token_ids[shards[i].tok_start : shards[i].tok_stop] for i in (1, 3)]
+    )
+    np.testing.assert_array_equal(acts.token_ids.compute(), expected_tokens)
+    np.testing.assert_array_equal(
+        acts.offsets.compute(), np.concatenate([[0], np.cumsum(data.lengths[rows])])
+    )
+    for j, row in enumerate(rows[:6]):
+        span = slice(data.offsets[row], data.offsets[row + 1])
+        np.testing.assert_array_equal(acts.example(j).token_ids, data.token_ids[span])
+
+
+def test_two_processes_write_disjoint_shards_at_once(_cache_root: Path) -> None:
+    data = synthetic()
+    writer = open_writer(_cache_root, data)
+    indices = [s.index for s in writer.geometry.shards]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.storegen", str(_cache_root), *map(str, part)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for part in (indices[0::2], indices[1::2])
+    ]  # fmt: skip
+    for proc in procs:
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    assert writer.finalize().complete
+    acts = open_activations(writer.key)
+    np.testing.assert_array_equal(acts.hidden(2).compute(), expected_storage(data.hidden[2], "float16"))
+    assert verify(writer.key).ok
+
+
+def test_claim_is_exclusive_and_taken_over_from_a_dead_process(_cache_root: Path) -> None:
+    data = synthetic()
+    writer = open_writer(_cache_root, data)
+    holder = subprocess.Popen(
+        [
+            sys.executable, "-c",
+            "import sys, time\n"
+            "from tests.storegen import open_writer, synthetic\n"
+            "w = open_writer(__import__('pathlib').Path(sys.argv[1]), synthetic())\n"
+            "with w.claim(0):\n"
+            "    print('claimed', flush=True)\n"
+            "    time.sleep(60)\n",
+            str(_cache_root),
+        ],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(ShardClaimedError, match=f"shard 0 of store .* pid {holder.pid}"):
+            with writer.claim(0):
+                pass
+        assert [s.index for s in writer.claims()][:1] == [1], "claims() skips the held shard"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    write_shard(writer, data, 0)  # the dead holder's claim is taken over
+    assert 0 in writer.done_shards()
+
+
+def test_crash_leftovers_are_ignored_and_cleaned(_cache_root: Path) -> None:
+    data = synthetic()
+    writer = open_writer(_cache_root, data)
+    for index in range(len(writer.geometry.shards)):
+        if index != 2:
+            write_shard(writer, data, index)
+    shard = writer.geometry.shards[2]
+    # A crashed writer of shard 2: garbage chunk data, zarr temp files, a temp marker, no marker.
+    arrays = {k: (v * 0 + 7).astype(v.dtype) for k, v in shard_arrays(data, shard).items()}
+    group_path = writer.path / hidden_name("encoder")
+    writer._zarr_group()[hidden_name("encoder")][:, shard.phys_start : shard.phys_start + shard.n_tokens] = (
+        arrays[hidden_name("encoder")]
+    )
+    chunk_key = writer.manifest.array(hidden_name("encoder")).shard_chunks(shard, writer.geometry)[0]
+    leftover = group_path / f"{chunk_key}.deadbeef.partial"
+    leftover.write_bytes(b"half a chunk")
+    marker_tmp = writer.path / "shards" / "000002.json.cafe.partial"
+    marker_tmp.write_text("{")
+    acts = open_activations(writer.key, allow_partial=True)
+    assert acts.n_examples == len(data.lengths) - shard.n_examples, "shard 2 is not served"
+    with pytest.raises(IncompleteStoreError):
+        open_activations(writer.key)
+    write_shard(writer, data, 2)  # the rerun
+    assert not leftover.exists() and not marker_tmp.exists()
+    assert writer.finalize().complete and verify(writer.key).ok
+    np.testing.assert_array_equal(
+        open_activations(writer.key).hidden(1).compute(), expected_storage(data.hidden[1], "float16")
+    )
+
+
+def _chunk_file(writer: StoreWriter, shard_index: int) -> Path:
+    spec = writer.manifest.array(hidden_name("encoder"))
+    return (
+        writer.path / spec.name / spec.shard_chunks(writer.geometry.shards[shard_index], writer.geometry)[-1]
+    )
+
+
+def test_verify_catches_a_flipped_byte_and_a_truncated_chunk(_cache_root: Path) -> None:
+    writer, data = complete_store(_cache_root)
+    assert verify(writer.key).ok
+    flipped, truncated, deleted = _chunk_file(writer, 1), _chunk_file(writer, 3), _chunk_file(writer, 4)
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    flipped.write_bytes(bytes(raw))
+    truncated.write_bytes(truncated.read_bytes()[:-5])
+    deleted.unlink()
+    report = verify(writer.key)
+    assert not report.ok and sorted(report.corrupt) == [1, 3, 4]
+    assert any("checksum mismatch" in p for p in report.corrupt[1])
+    assert any("is missing" in p for p in report.corrupt[4])
+    assert "corrupt shard 1" in report.summary() and "corrupt shard 3" in report.summary()
+    assert read_manifest(writer.path).complete, "without reset verify only reports"
+    report = verify(writer.key, reset=True)
+    assert report.reset == [1, 3, 4] and not read_manifest(writer.path).complete
+    assert {s.index for s in writer.pending_shards()} == {1, 3, 4}
+    for index in (1, 3, 4):
+        write_shard(writer, data, index)
+    assert writer.finalize().complete and verify(writer.key).ok
+
+
+def test_key_changes_with_every_keyed_input_and_not_with_provenance(_cache_root: Path) -> None:
+    from dataclasses import replace
+
+    from schemas.request import ExtractionRequest, OutputSpec
+
+    base = storegen.request()
+    keys = {cache_key(base)}
+    variants = [
+        storegen.request(revision="1" * 40),
+        storegen.request(content_hash="weights-b"),
+        storegen.request(dtype="bf16"),
+        storegen.request(quantization=8),
+        storegen.request(tokenizer_hash="tok-b"),
+        storegen.request(tokenizer_kwargs={"max_length": 128}),
+        storegen.request(dataset_hash="rows-v2"),
+        ExtractionRequest(base.model, {**base.dataset, "split": "validation"}, base.outputs),
+        ExtractionRequest(base.model, {**base.dataset, "text_fields": ["premise"]}, base.outputs),
+        ExtractionRequest(base.model, {**base.dataset, "limit": 10}, base.outputs),
+        ExtractionRequest(base.model, base.dataset, replace(base.outputs, layers=(0, 6))),
+        ExtractionRequest(base.model, base.dataset, replace(base.outputs, logits="topk:5")),
+        ExtractionRequest(base.model, base.dataset, replace(base.outputs, logits="none")),
+        ExtractionRequest(base.model, base.dataset, replace(base.outputs, pooling=("mean",))),
+        storegen.request(store_dtype="float32"),
+        ExtractionRequest(base.model, base.dataset, OutputSpec(logits="topk:3", token_level=False)),
+    ]
+    for variant in variants:
+        key = cache_key(variant)
+        assert key not in keys, f"{variant} collides"
+        keys.add(key)
+    assert cache_key(storegen.request()) == cache_key(base)
+    # Provenance (batch size, device, shard size) is not part of a request at all; two writers
+    # of one request with different provenance and shard plans meet in the same store.
+    data = synthetic()
+    a = open_writer(_cache_root, data)
+    b = StoreWriter.open_or_create(
+        _cache_root, base, geometry=a.geometry, arrays=a.manifest.arrays, layers=a.manifest.layers,
+        n_states=N_STATES, stacks=("encoder",), provenance={"batch_size": 64, "device": "cuda:0"},
+    )  # fmt: skip
+    assert a.path == b.path and b.manifest.provenance == {"batch_size": 8}
+
+
+def test_key_is_stable_across_processes(_cache_root: Path) -> None:
+    code = "from tests.storegen import request; from cache import cache_key; print(cache_key(request()))"
+    outs = set()
+    for cwd, seed in ((REPO, "1"), (_cache_root.parent, "2")):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": seed}
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, check=True
+        )
+        outs.add(done.stdout.strip())
+    assert outs == {cache_key(storegen.request())}
+
+
+def test_aliases_ls_show_rm(_cache_root: Path) -> None:
+    writer, _ = complete_store(_cache_root)
+    acts = open_activations(model="fake", data="data")
+    assert acts.key == writer.key
+    assert find_store("fake__data") == writer.path == find_store(str(writer.path)) == find_store(writer.key)
+    [info] = list_stores()
+    assert (info.key, info.complete, info.shards_done, info.aliases) == (
+        writer.key, True, info.shards_total, ("fake__data",),
+    )  # fmt: skip
+    assert info.bytes > 0
+    remove_store("fake__data")
+    assert not writer.path.exists() and list_stores() == []
+    with pytest.raises(StoreNotFoundError, match="actcache ls"):
+        open_activations(model="fake", data="data")
+
+
+def test_gc_removes_only_old_incomplete_stores(_cache_root: Path) -> None:
+    done, _ = complete_store(_cache_root)
+    stale = open_writer(_cache_root, synthetic(), dataset_hash="other")
+    fresh = open_writer(_cache_root, synthetic(), dataset_hash="third")
+    old = time.time() - 10 * 86400
+    for path in (done.path, stale.path):
+        for dirpath, _dirs, files in os.walk(path):
+            for name in [*files, "."]:
+                os.utime(os.path.join(dirpath, name), (old, old))
+    removed = gc(older_than_days=7)
+    assert removed == [stale.path]
+    assert done.path.exists() and fresh.path.exists() and not stale.path.exists()
+
+
+def test_cache_root_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACTCACHE_DIR", str(tmp_path / "env"))
+    assert cache_root(tmp_path / "flag") == tmp_path / "flag"
+    assert cache_root() == tmp_path / "env"
+    monkeypatch.delenv("ACTCACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "actcache"
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/abs/path", "a/../../b", "..", ""])
+def test_aliases_never_leave_the_cache_dir(_cache_root: Path, name: str) -> None:
+    path = alias_path(_cache_root, name).resolve()
+    assert path.parent == (_cache_root / "aliases").resolve()
+
+
+def test_unknown_schema_version_is_refused(_cache_root: Path) -> None:
+    import json
+
+    writer, _ = complete_store(_cache_root)
+    manifest = json.loads((writer.path / MANIFEST_FILE).read_text())
+    manifest["schema_version"] = 99
+    (writer.path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(SchemaVersionError, match="schema version 99; this actcache reads versions 1"):
+        open_activations(writer.key)
+
+
+def test_xarray_round_trip(_cache_root: Path) -> None:
+    writer, data = complete_store(_cache_root, "float32")
+    ds = open_activations(writer.key).to_xarray()
+    assert ds["encoder_hidden"].dims == ("layer", "token", "hidden")
+    assert ds["encoder_pooled_mean"].dims == ("layer", "example", "hidden")
+    np.testing.assert_array_equal(ds["encoder_hidden"].sel(layer=3).values, data.hidden[3])
+    np.testing.assert_array_equal(ds["encoder_pooled_mean"].values, data.pooled)
+    np.testing.assert_array_equal(ds["offsets"].values, data.offsets)
+    assert ds["language"].dims == ("example",) and list(ds["language"].values[:2]) == ["en", "de"]
+    assert ds.sizes["token"] == int(data.lengths.sum())
