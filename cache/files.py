@@ -33,7 +33,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    text = json.dumps(value, indent=1, sort_keys=True, default=_plain)
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays (counters from the writer) as JSON numbers and lists."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
 def read_json(path: Path, what: str) -> Any:

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     models = commands.add_parser("models", help="list the registered models and how each loads")
     models.set_defaults(func=_cmd_models)
+    _add_extract(commands)
 
     store_commands = {
         "ls": ("list the stores in the cache", _cmd_ls),
@@ -65,6 +66,126 @@ def build_parser() -> argparse.ArgumentParser:
             )
         sub.set_defaults(func=func)
     return parser
+
+
+EXTRACT_HELP = """\
+Run a model over a dataset and cache every layer's hidden states (and logits) in a
+content-addressed Zarr store. The same command again is a cache hit (the model is not
+loaded); after a crash or Ctrl-C it resumes from the committed shards.
+
+examples:
+  actcache extract --model minilm-l6 --data sample                  offline, shipped data
+  actcache extract --model labse --data xnli --split validation
+  actcache extract --model xlmr --data texts.jsonl --text-column sentence --limit 1000
+  actcache extract --model llama3 --data xnli --layers 0,16,-1 --logits topk:20
+  actcache extract --model ./my-checkpoint --data corpus.parquet --store-dtype bfloat16
+
+The last line printed is the store's path; read it with
+  from cache import open_activations; acts = open_activations(model=..., data=...)
+"""
+
+
+def _add_extract(commands: Any) -> None:
+    from pipeline.plan import DEFAULT_MAX_FULL_LOGITS_GB, DEFAULT_SHARD_TOKENS
+
+    p = commands.add_parser(
+        "extract",
+        help="cache a model's hidden states over a dataset",
+        description=EXTRACT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_argument_group("what to run")
+    what.add_argument(
+        "--model",
+        required=True,
+        metavar="KEY|PATH",
+        help="a registry key (actcache models) or a model directory",
+    )
+    what.add_argument(
+        "--data",
+        required=True,
+        metavar="NAME|PATH",
+        help="xnli, sample, a .jsonl/.json/.csv/.parquet file, or a Hub id",
+    )
+    what.add_argument("--split", help="dataset split (xnli/sample: test; files: train)")
+    what.add_argument("--config", help="Hub dataset config(s), comma-separated (xnli: its 15 languages)")
+    what.add_argument(
+        "--text-column",
+        action="append",
+        dest="text_columns",
+        metavar="COL",
+        help="text column; repeat for several (xnli/sample: premise and hypothesis)",
+    )
+    what.add_argument(
+        "--pair",
+        action="store_true",
+        default=None,
+        help="tokenize two text columns together as one example (default: separate examples)",
+    )
+    what.add_argument("--limit", type=int, help="first N rows (of each language for xnli)")
+    what.add_argument("--revision", help="model branch, tag or commit to pin")
+    stored = p.add_argument_group("what to store")
+    stored.add_argument(
+        "--layers",
+        default="all",
+        help="all (default), one index like -1, or a list like 0,6,12 (0 = embeddings)",
+    )
+    stored.add_argument("--logits", default="topk:10", help="none | topk:K (default topk:10) | full")
+    stored.add_argument("--store-dtype", default="float16", help="float16 (default) | bfloat16 | float32")
+    stored.add_argument(
+        "--max-full-logits-gb",
+        type=float,
+        default=DEFAULT_MAX_FULL_LOGITS_GB,
+        help=f"refuse --logits full above this size (default {DEFAULT_MAX_FULL_LOGITS_GB:g})",
+    )
+    how = p.add_argument_group("how to run (not part of the cache key)")
+    how.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
+    how.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=DEFAULT_SHARD_TOKENS,
+        help=f"tokens per shard, the unit of commit and resume (default {DEFAULT_SHARD_TOKENS})",
+    )
+    how.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    how.add_argument("--dtype", help="model precision: fp32, bf16, fp16 (default: the model's preferred)")
+    how.add_argument(
+        "--quantize",
+        type=int,
+        choices=(4, 8),
+        dest="quantization",
+        help="load decoder-only models in 8 or 4 bits",
+    )
+    how.add_argument(
+        "--no-quantize",
+        action="store_false",
+        dest="quantization",
+        default=None,
+        help="load in full precision even where the registry quantizes (llama3)",
+    )
+    how.add_argument("--cache-dir", help="cache root (default: $ACTCACHE_DIR, else ~/.cache/actcache)")
+    how.add_argument(
+        "--force", action="store_true", help="remove an existing store for this request and extract again"
+    )
+    how.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bar or summary; print only the store path"
+    )
+    how.add_argument(
+        "--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code to run"
+    )
+    how.add_argument(
+        "--allow-pickle", action="store_true", help="allow pickle (.bin) weights; unpickling runs code"
+    )
+    p.set_defaults(func=_cmd_extract)
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from pipeline.extract import ExtractConfig, extract
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    if fields.get("text_columns"):
+        fields["text_columns"] = tuple(fields["text_columns"])
+    result = extract(ExtractConfig(**fields))
+    return 0 if result.manifest.complete else 3
 
 
 def _size(n: float) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -20,8 +21,9 @@ import torch
 from pipeline.models.helpers import bitsandbytes_config, coerce_device, resolve_dtype
 from pipeline.models.hub import ResolvedCheckpoint, check_weights, resolve_checkpoint
 from schemas import CheckpointError, ConfigError, ModelOutputs, ModelSpec
+from schemas.model import parse_quant_bits
 
-__all__ = ["BaseModelRunner"]
+__all__ = ["BaseModelRunner", "load_tokenizer", "max_length_for", "quantization_bits"]
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _UNBOUNDED = 1_000_000  # tokenizers without a limit report ~1e30
@@ -29,15 +31,72 @@ _UNBOUNDED = 1_000_000  # tokenizers without a limit report ~1e30
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports while we probe a checkpoint on purpose."""
+    """Silence transformers' load reports and per-tensor progress bars while we load."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def quantization_bits(spec: ModelSpec, quantization: bool | int | None) -> int | None:
+    """Bits to load `spec` in: None (full precision), 8 or 4. None for `quantization` = the spec's choice."""
+    if quantization is None:
+        quantization = spec.use_bitsandbytes
+    if quantization is False or quantization == 0:
+        return None
+    bits = spec.quant_bits if quantization is True else int(quantization)
+    parse_quant_bits(bits)
+    if spec.arch != "decoder_only":
+        raise ConfigError(
+            f"bitsandbytes loading is offered for decoder-only models; {spec.name!r} is "
+            f"{spec.arch}. Fix: load it without quantization (quantization=False, --no-quantize)."
+        )
+    return bits
+
+
+def load_tokenizer(path: Path, spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's tokenizer, padding on the right; decoder-only models pad with end-of-text."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path), trust_remote_code=trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"could not load a tokenizer from {str(path)!r}: {exc}. Fix: save the tokenizer next to "
+            "the model (tokenizer.save_pretrained(dir))."
+        ) from exc
+    tokenizer.padding_side = "right"
+    if spec.arch == "decoder_only" and tokenizer.pad_token is None:
+        # Llama has no pad token; padded positions are masked, so any id will do.
+        if tokenizer.eos_token is None:
+            raise CheckpointError(
+                f"the tokenizer in {str(path)!r} has neither a pad nor an end-of-sequence token to pad "
+                "batches with. Fix: set tokenizer.pad_token and save it again."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def max_length_for(spec: ModelSpec, tokenizer: Any, max_positions: int | None) -> int:
+    """Tokens per example: the spec's max_length, capped by the tokenizer's own limit."""
+    limits = []
+    if spec.tokenizer_kwargs and spec.tokenizer_kwargs.get("max_length"):
+        limits.append(int(spec.tokenizer_kwargs["max_length"]))
+    if 0 < (tokenizer.model_max_length or 0) < _UNBOUNDED:
+        limits.append(int(tokenizer.model_max_length))
+    if not limits:
+        limits.append(int(max_positions or 512))
+    return min(limits)
 
 
 class BaseModelRunner(ABC):
@@ -51,7 +110,6 @@ class BaseModelRunner(ABC):
 
     arch: ClassVar[str]
     hidden_field: ClassVar[str]  # the ModelOutputs field that receives `hidden_states`
-    supports_quantization: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -65,6 +123,7 @@ class BaseModelRunner(ABC):
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
         checkpoint: ResolvedCheckpoint | None = None,
+        tokenizer: Any = None,
     ) -> None:
         if spec.arch != self.arch:
             raise ConfigError(
@@ -76,6 +135,7 @@ class BaseModelRunner(ABC):
         self.quant_bits = self._quant_bits(quantization)
         self.output_attentions = output_attentions
         self.trust_remote_code = trust_remote_code
+        self._given_tokenizer = tokenizer  # from `load_tokenizer`, when the caller already has it
         self.checkpoint = checkpoint or resolve_checkpoint(spec, revision)
         self._safetensors = check_weights(
             self.checkpoint.path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
@@ -93,32 +153,12 @@ class BaseModelRunner(ABC):
         """Load and return the model (use `_from_pretrained`)."""
 
     def _quant_bits(self, quantization: bool | int | None) -> int | None:
-        if quantization is None:
-            quantization = self.spec.use_bitsandbytes
-        if quantization is False or quantization == 0:
-            return None
-        bits = self.spec.quant_bits if quantization is True else int(quantization)
-        if not self.supports_quantization:
-            raise ConfigError(
-                f"bitsandbytes loading is offered for decoder-only models; {self.spec.name!r} is "
-                f"{self.arch}. Fix: load it without quantization (quantization=False)."
-            )
-        return bits
+        return quantization_bits(self.spec, quantization)
 
     def _load_tokenizer(self) -> Any:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                str(self.checkpoint.path), trust_remote_code=self.trust_remote_code, local_files_only=True
-            )
-        except (OSError, ValueError, TypeError) as exc:
-            raise CheckpointError(
-                f"could not load a tokenizer from {str(self.checkpoint.path)!r}: {exc}. Fix: save "
-                "the tokenizer next to the model (tokenizer.save_pretrained(dir))."
-            ) from exc
-        tokenizer.padding_side = "right"
-        return tokenizer
+        if self._given_tokenizer is not None:
+            return self._given_tokenizer
+        return load_tokenizer(self.checkpoint.path, self.spec, trust_remote_code=self.trust_remote_code)
 
     def _from_pretrained(self, auto_class: Any, **kwargs: Any) -> Any:
         """`auto_class.from_pretrained` on the resolved directory with this runner's options."""
@@ -134,7 +174,8 @@ class BaseModelRunner(ABC):
             options["quantization_config"] = bitsandbytes_config(self.quant_bits, self.device, self.dtype)
             options["device_map"] = {"": self.device}
         try:
-            loaded = auto_class.from_pretrained(str(self.checkpoint.path), **options, **kwargs)
+            with quiet_transformers():
+                loaded = auto_class.from_pretrained(str(self.checkpoint.path), **options, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(
                 f"could not load {str(self.checkpoint.path)!r} as {auto_class.__name__}: {exc}"
@@ -145,14 +186,9 @@ class BaseModelRunner(ABC):
         return loaded
 
     def _max_length(self) -> int:
-        limits = []
-        if self.spec.tokenizer_kwargs and self.spec.tokenizer_kwargs.get("max_length"):
-            limits.append(int(self.spec.tokenizer_kwargs["max_length"]))
-        if 0 < (self.tokenizer.model_max_length or 0) < _UNBOUNDED:
-            limits.append(int(self.tokenizer.model_max_length))
-        if not limits:
-            limits.append(int(getattr(self.model.config, "max_position_embeddings", None) or 512))
-        return min(limits)
+        return max_length_for(
+            self.spec, self.tokenizer, getattr(self.model.config, "max_position_embeddings", None)
+        )
 
     # -- running ---------------------------------------------------------------------------
 

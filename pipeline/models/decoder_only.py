@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 from pipeline.models.base import BaseModelRunner
-from schemas import CheckpointError
 
 __all__ = ["DecoderModelRunner"]
 
@@ -37,19 +36,6 @@ class DecoderModelRunner(BaseModelRunner):
 
     arch = "decoder_only"
     hidden_field = "decoder_hidden_states"
-    supports_quantization = True
-
-    def _load_tokenizer(self) -> Any:
-        tokenizer = super()._load_tokenizer()
-        if tokenizer.pad_token is None:
-            if tokenizer.eos_token is None:
-                raise CheckpointError(
-                    f"the tokenizer in {str(self.checkpoint.path)!r} has neither a pad nor an "
-                    "end-of-sequence token to pad batches with. Fix: set tokenizer.pad_token and "
-                    "save it again."
-                )
-            tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
 
     def _load_model(self) -> Any:
         from transformers import AutoModelForCausalLM

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.models.base import BaseModelRunner, quiet_transformers
+from pipeline.models.base import BaseModelRunner
 from schemas import CheckpointError
 
 __all__ = ["EncoderModelRunner"]
@@ -27,8 +27,7 @@ class EncoderModelRunner(BaseModelRunner):
 
         self.has_lm_head = False
         try:
-            with quiet_transformers():
-                model, info = self._from_pretrained(AutoModelForMaskedLM, output_loading_info=True)
+            model, info = self._from_pretrained(AutoModelForMaskedLM, output_loading_info=True)
         except CheckpointError:
             pass  # no masked-LM class for this config: a plain encoder it is
         else:

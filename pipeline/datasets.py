@@ -1,0 +1,243 @@
+"""The dataset registry and loading: a name or a file -> rows -> examples (one text, or a pair, each).
+
+Registered: ``xnli`` (the Hub's facebook/xnli, all 15 languages of a split, test by
+default) and ``sample`` (an XNLI-shaped sample in 15 languages and 7 scripts that ships
+inside the package, so the default job runs offline). Anything else: a local file
+(.jsonl, .json, .csv, .parquet) or a Hub dataset id with --config/--split/--text-column.
+
+Premise and hypothesis are separate examples by default: the metrics this cache feeds
+(cross-lingual similarity, probes) compare sentence representations, and a pair would
+mix two sentences in every token's context. ``--pair`` stores them as one example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from schemas import ConfigError
+from schemas.dataset import DatasetSpec
+from schemas.errors import ActcacheError
+
+__all__ = [
+    "DATASETS",
+    "XNLI_LANGUAGES",
+    "DatasetNotAvailableError",
+    "Examples",
+    "load_examples",
+    "resolve_dataset",
+]
+
+XNLI_LANGUAGES = ("ar", "bg", "de", "el", "en", "es", "fr", "hi", "ru", "sw", "th", "tr", "ur", "vi", "zh")
+SAMPLE_FILE = Path(__file__).with_name("data") / "xnli_sample.jsonl"
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
+    {
+        "xnli": DatasetSpec(
+            name="xnli",
+            source="hub",
+            path="facebook/xnli",
+            split="test",
+            configs=XNLI_LANGUAGES,
+            text_columns=("premise", "hypothesis"),
+            description="XNLI, 15 languages x 5,010 test pairs; `language` column from the config",
+        ),
+        "sample": DatasetSpec(
+            name="sample",
+            source="package",
+            path=str(SAMPLE_FILE),
+            split="test",
+            text_columns=("premise", "hypothesis"),
+            description="210 XNLI-shaped pairs in XNLI's 15 languages, shipped with actcache",
+        ),
+    }
+)
+
+
+class DatasetNotAvailableError(ActcacheError, FileNotFoundError):
+    """The dataset is neither registered, nor a local file, nor loadable from the Hub or its cache."""
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Examples in dataset order: `texts` (str, or a (str, str) pair), metadata columns, identity.
+
+    `content_hash` hashes every text and metadata value used, in order: the dataset's
+    identity in the cache key, whatever path or mtime the files have.
+    """
+
+    spec: DatasetSpec
+    texts: list[Any]
+    metadata: dict[str, list[Any]]
+    content_hash: str
+    revision: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def identity(self) -> dict[str, Any]:
+        """The keyed description of these examples."""
+        s = self.spec
+        return {
+            "name": s.name,
+            "path": s.path if s.source == "hub" else None,  # a file is identified by content only
+            "revision": self.revision,
+            "configs": list(s.configs) if s.configs else None,
+            "split": s.split,
+            "text_columns": list(s.text_columns),
+            "pair": s.pair,
+            "limit": s.limit,
+            "content_hash": self.content_hash,
+        }
+
+
+def resolve_dataset(
+    data: str,
+    *,
+    split: str | None = None,
+    config: str | None = None,
+    text_columns: tuple[str, ...] | None = None,
+    pair: bool | None = None,
+    limit: int | None = None,
+) -> DatasetSpec:
+    """A `DatasetSpec` for a registry name, a local file or a Hub id, with the CLI's overrides."""
+    overrides: dict[str, Any] = {"split": split, "text_columns": text_columns, "pair": pair, "limit": limit}
+    if config is not None:
+        overrides["configs"] = tuple(c for c in config.split(",") if c)
+    if data in DATASETS:
+        return DATASETS[data].with_(**overrides)
+    path = Path(data).expanduser()
+    if path.exists():
+        if path.suffix.lower() not in FILE_BUILDERS or not path.is_file():
+            raise ConfigError(
+                f"cannot read {data!r}: local datasets are files ending in {', '.join(FILE_BUILDERS)}"
+            )
+        spec = DatasetSpec(name=path.stem, source="files", path=str(path.resolve()), split="train")
+        return spec.with_(**overrides)
+    if "/" in data and not data.startswith((".", "/")):
+        return DatasetSpec(name=data.replace("/", "-"), source="hub", path=data, split="train").with_(
+            **overrides
+        )
+    raise DatasetNotAvailableError(
+        f"unknown dataset {data!r}: not a registered name ({', '.join(sorted(DATASETS))}), not an existing "
+        "file, not a Hub id (org/name). Fix: pass one of those, e.g. --data sample or --data texts.jsonl."
+    )
+
+
+def load_examples(spec: DatasetSpec) -> Examples:
+    """Load `spec`'s rows (offline from the local cache when HF_DATASETS_OFFLINE is set) as examples."""
+    tables = _load_tables(spec)
+    texts: list[Any] = []
+    metadata: dict[str, list[Any]] = {}
+    digest = hashlib.sha256()
+    for language, table in tables:
+        columns = table.column_names
+        missing = [c for c in spec.text_columns if c not in columns]
+        if missing:
+            raise ConfigError(
+                f"dataset {spec.name!r} has no column {missing[0]!r}; its columns are {columns}. "
+                "Fix: pick text columns with --text-column."
+            )
+        rows = table.to_pylist() if spec.limit is None else table.slice(0, spec.limit).to_pylist()
+        meta_columns = [c for c in columns if c not in spec.text_columns]
+        for row_index, row in enumerate(rows):
+            base = {c: row[c] for c in meta_columns}
+            if language is not None:
+                base.setdefault("language", language)
+            base.setdefault("row", row_index)
+            values = [_text(row[c]) for c in spec.text_columns]
+            units = (
+                [(tuple(values), None)]
+                if spec.pair
+                else [(v, c) for v, c in zip(values, spec.text_columns, strict=True)]
+            )
+            for text, field in units:
+                record = dict(base) | ({"field": field} if field else {})
+                for name in [*metadata, *(k for k in record if k not in metadata)]:
+                    metadata.setdefault(name, [None] * len(texts)).append(record.get(name))
+                texts.append(text)
+                digest.update(
+                    json.dumps([text, record], sort_keys=True, default=str, ensure_ascii=False).encode()
+                )
+                digest.update(b"\n")
+    return Examples(spec, texts, metadata, digest.hexdigest(), _revision(spec))
+
+
+def _text(value: Any) -> str:
+    # A missing text (None) becomes an empty example: counted, stored, never a crash.
+    return "" if value is None else str(value)
+
+
+def _load_tables(spec: DatasetSpec) -> list[tuple[str | None, Any]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if spec.source in ("files", "package"):
+            builder = FILE_BUILDERS[Path(spec.path).suffix.lower()]
+            loaded = datasets.load_dataset(builder, data_files={spec.split: spec.path})
+            return [(None, _split(loaded, spec).data.table)]
+        configs: list[str | None] = list(spec.configs) if spec.configs else [None]
+        return [
+            (c if spec.configs else None, _split(datasets.load_dataset(spec.path, c), spec).data.table)
+            for c in configs
+        ]
+    except (ConfigError, DatasetNotAvailableError):
+        raise
+    except (ValueError, UnicodeDecodeError) as exc:
+        if spec.source == "hub" and "Couldn't find" not in str(exc) and "offline" not in str(exc).lower():
+            raise ConfigError(f"could not read dataset {spec.name!r} ({spec.path}): {exc}") from None
+        if spec.source != "hub":
+            raise ConfigError(
+                f"could not read {spec.path!r}: {_first_line(exc)}. Fix: check that the file is valid "
+                f"UTF-8 {Path(spec.path).suffix} (the line number above, where given, is where it breaks)."
+            ) from None
+        raise _not_available(spec, exc) from None
+    except (ConnectionError, OSError, FileNotFoundError) as exc:
+        raise _not_available(spec, exc) from None
+
+
+def _split(loaded: Any, spec: DatasetSpec) -> Any:
+    if spec.split not in loaded:
+        raise ConfigError(
+            f"dataset {spec.name!r} has no split {spec.split!r}; it has {sorted(loaded)}. Fix: --split NAME."
+        )
+    return loaded[spec.split].flatten_indices()
+
+
+def _not_available(spec: DatasetSpec, exc: BaseException) -> DatasetNotAvailableError:
+    import os
+
+    cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "datasets"
+    )
+    configs = f" (configs {', '.join(spec.configs)})" if spec.configs else ""
+    return DatasetNotAvailableError(
+        f"dataset {spec.path!r}{configs} is not in the local Hugging Face datasets cache {cache!r} and "
+        f"cannot be downloaded here ({_first_line(exc)}). Fix: run once with network access (unset "
+        "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) to cache it, point HF_HOME at a cache that holds it, "
+        "or pass a local file (--data path.jsonl)."
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _revision(spec: DatasetSpec) -> str | None:
+    """The Hub commit of a cached Hub dataset, when the hub cache knows it."""
+    if spec.source != "hub":
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec.path, repo_type="dataset", local_files_only=True)).name
+    except Exception:  # not in the hub cache: the content hash still identifies the rows
+        return None

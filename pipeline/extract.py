@@ -1,0 +1,281 @@
+"""The staged extraction: resolve -> tokenize -> plan -> run/write -> finalize.
+
+>>> from pipeline.extract import ExtractConfig, extract
+>>> result = extract(ExtractConfig(model="minilm-l6", data="sample"))   # doctest: +SKIP
+>>> result.path                                                          # the store
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from cache import StoreWriter, cache_root, store_bytes, store_path
+from cache.catalog import read_manifest
+from cache.paths import alias_name
+from pipeline.datasets import resolve_dataset
+from pipeline.plan import DEFAULT_MAX_FULL_LOGITS_GB, DEFAULT_SHARD_TOKENS, check_full_logits, plan
+from pipeline.reduce import POOLING_BY_STACK, Reducer
+from pipeline.resolve import Resolved, resolve
+from pipeline.run import run_shards
+from pipeline.tokenize import tokenize_examples
+from schemas import ConfigError, OutputSpec
+from schemas.store import Manifest, build_arrays
+
+__all__ = ["ExtractConfig", "ExtractResult", "extract"]
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """One extraction, as the CLI spells it (see `actcache extract --help`)."""
+
+    model: str
+    data: str
+    split: str | None = None
+    config: str | None = None
+    text_columns: tuple[str, ...] | None = None
+    pair: bool | None = None
+    limit: int | None = None
+    layers: str | None = "all"
+    logits: str = "topk:10"
+    store_dtype: str = "float16"
+    batch_size: int = 32
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    device: str | None = None
+    dtype: str | None = None
+    revision: str | None = None
+    quantization: bool | int | None = None
+    cache_dir: str | None = None
+    force: bool = False
+    quiet: bool = False
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    max_full_logits_gb: float = DEFAULT_MAX_FULL_LOGITS_GB
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.shard_tokens < 1:
+            raise ConfigError(f"--shard-tokens must be at least 1, got {self.shard_tokens}")
+
+
+@dataclass
+class ExtractResult:
+    key: str
+    path: Path
+    cache_hit: bool
+    manifest: Manifest
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
+    """Run (or resume, or find in the cache) one extraction; the store's path is printed last."""
+    out = out or sys.stdout
+    say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=out, flush=True))
+    started = time.perf_counter()
+    root = cache_root(cfg.cache_dir)
+    dataset = resolve_dataset(
+        cfg.data,
+        split=cfg.split,
+        config=cfg.config,
+        text_columns=cfg.text_columns,
+        pair=cfg.pair,
+        limit=cfg.limit,
+    )
+    outputs = OutputSpec(layers=cfg.layers, logits=cfg.logits, store_dtype=cfg.store_dtype)
+    resolved = resolve(
+        cfg.model,
+        dataset,
+        outputs,
+        revision=cfg.revision,
+        dtype=cfg.dtype,
+        quantization=cfg.quantization,
+        trust_remote_code=cfg.trust_remote_code,
+        allow_pickle=cfg.allow_pickle,
+    )
+    path = store_path(root, resolved.key)
+    alias = alias_name(resolved.spec.name, dataset.name)
+    if path.exists() and cfg.force:
+        shutil.rmtree(path)
+    if path.exists() and read_manifest(path).complete:
+        manifest = read_manifest(path)
+        say(f"cache hit: {alias} is already extracted (key {resolved.key}); the model was not loaded.")
+        summary = _summary(manifest, path, time.perf_counter() - started, 0)
+        _print_summary(say, summary)
+        print(path, file=out, flush=True)
+        return ExtractResult(resolved.key, path, True, manifest, summary)
+
+    say(f"{alias}: {len(resolved.examples)} examples, model {resolved.spec.hf_id} -> key {resolved.key}")
+    tokenized = tokenize_examples(
+        resolved.examples,
+        resolved.tokenizer,
+        max_length=resolved.max_length,
+        cache_dir=root / "tokenized",
+        tok_hash=resolved.tokenizer_hash,
+    )
+    if len(tokenized.lengths) == 0:
+        raise ConfigError(
+            f"dataset {dataset.name!r} gave no examples (split {dataset.split!r}); nothing to extract"
+        )
+    geometry = plan(
+        tokenized.lengths,
+        shard_tokens=cfg.shard_tokens,
+        hidden=resolved.hidden_size,
+        store_dtype=outputs.store_dtype,
+    )
+    say(check_full_logits(outputs, geometry.n_tokens, resolved.vocab_size, cfg.max_full_logits_gb))
+
+    from pipeline.models import load_model
+
+    runner = load_model(
+        resolved.spec,
+        device=cfg.device,
+        dtype=resolved.dtype,
+        revision=cfg.revision,
+        quantization=cfg.quantization,
+        trust_remote_code=cfg.trust_remote_code,
+        allow_pickle=cfg.allow_pickle,
+        checkpoint=resolved.checkpoint,
+        tokenizer=resolved.tokenizer,
+    )
+    stacks = (
+        ("encoder", "decoder")
+        if resolved.spec.arch == "seq2seq"
+        else (("decoder",) if resolved.spec.arch == "decoder_only" else ("encoder",))
+    )
+    has_logits = getattr(runner, "has_lm_head", True)
+    logits_mode = outputs.logits if has_logits else "none"
+    arrays = build_arrays(
+        stacks={s: resolved.hidden_size for s in stacks},
+        n_layers=len(resolved.layers),
+        store_dtype=outputs.store_dtype,
+        poolings={s: POOLING_BY_STACK[s] for s in stacks},
+        token_level=outputs.token_level,
+        logits=logits_mode,
+        vocab=resolved.vocab_size,
+    )
+    writer = StoreWriter.open_or_create(
+        root,
+        resolved.request,
+        geometry=geometry,
+        arrays=arrays,
+        layers=resolved.layers,
+        n_states=resolved.n_states,
+        stacks=stacks,
+        examples=resolved.examples.metadata,
+        aliases=(alias,),
+        provenance=_provenance(cfg, runner, resolved),
+    )
+    pending = writer.pending_shards()
+    done = len(writer.geometry.shards) - len(pending)
+    if done:
+        say(f"resuming: {done}/{len(writer.geometry.shards)} shards already committed")
+    if not has_logits and outputs.logits != "none":
+        say(f"note: {resolved.spec.name} has no LM head in its checkpoint; no logits are stored")
+    reducer = Reducer(
+        layers=resolved.layers,
+        stacks=stacks,
+        store_dtype=outputs.store_dtype,
+        topk=outputs.topk,
+        logits=logits_mode,
+        target="next" if resolved.spec.arch == "decoder_only" else "observed",
+        token_level=outputs.token_level,
+    )
+    from tqdm.auto import tqdm
+
+    total = sum(s.n_tokens for s in pending)
+    with tqdm(
+        total=total, unit="tok", unit_scale=True, disable=cfg.quiet, file=sys.stderr, desc="extract"
+    ) as bar:
+        stats = run_shards(runner, tokenized, writer, reducer, batch_size=cfg.batch_size, progress=bar)
+    elapsed = time.perf_counter() - started
+    manifest = writer.finalize(
+        stats={
+            "n_truncated": tokenized.n_truncated,
+            "n_empty": sum(
+                1 for t in resolved.examples.texts if not (t if isinstance(t, str) else "".join(t)).strip()
+            ),
+        }
+    )
+    if stats.shards_skipped and not manifest.complete:
+        say(
+            f"shards {stats.shards_skipped} are being written by another process; rerun to finish if it stops."
+        )
+    _warn_nonfinite(manifest, say)
+    summary = _summary(manifest, writer.path, elapsed, stats.tokens)
+    summary["padding_share"] = (
+        1 - stats.tokens / stats.computed_positions if stats.computed_positions else 0.0
+    )
+    _print_summary(say, summary)
+    print(writer.path, file=out, flush=True)
+    return ExtractResult(resolved.key, writer.path, False, manifest, summary)
+
+
+def _provenance(cfg: ExtractConfig, runner: Any, resolved: Resolved) -> dict[str, Any]:
+    import datasets
+    import torch
+    import transformers
+    import zarr
+
+    return {
+        "batch_size": cfg.batch_size,
+        "shard_tokens": cfg.shard_tokens,
+        "device": str(runner.device),
+        "workers": 1,
+        "model_source": resolved.checkpoint.source,
+        "model_path": str(resolved.checkpoint.path),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "datasets": datasets.__version__,
+            "zarr": zarr.__version__,
+        },
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _warn_nonfinite(manifest: Manifest, say: Any) -> None:
+    counts = manifest.stats.get("nonfinite", {})
+    bad = {stack: per_layer for stack, per_layer in counts.items() if any(per_layer)}
+    if bad:
+        layers = {s: [manifest.layers[i] for i, n in enumerate(v) if n] for s, v in bad.items()}
+        say(
+            f"warning: non-finite values (inf/NaN) in stored activations: {bad} by stored layer, at layers {layers}. "
+            "float16 overflows above 65504; rerun with --store-dtype bfloat16 or --store-dtype float32."
+        )
+
+
+def _summary(manifest: Manifest, path: Path, seconds: float, computed_tokens: int) -> dict[str, Any]:
+    size = store_bytes(path)
+    return {
+        "key": manifest.key,
+        "path": str(path),
+        "complete": manifest.complete,
+        "examples": manifest.geometry.n_examples,
+        "tokens": manifest.geometry.n_tokens,
+        "truncated": manifest.stats.get("n_truncated", 0),
+        "empty": manifest.stats.get("n_empty", 0),
+        "shards": len(manifest.geometry.shards),
+        "bytes": size,
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(computed_tokens / seconds, 1) if seconds > 0 and computed_tokens else None,
+    }
+
+
+def _print_summary(say: Any, s: dict[str, Any]) -> None:
+    rate = f", {s['tokens_per_s']:.0f} tokens/s" if s.get("tokens_per_s") else ""
+    state = "complete" if s["complete"] else "INCOMPLETE (rerun the same command to finish)"
+    say(
+        f"{state}: {s['examples']} examples, {s['tokens']} tokens ({s['truncated']} truncated, {s['empty']} empty), "
+        f"{s['shards']} shards, {s['bytes'] / 2**20:.1f} MiB on disk, {s['seconds']:.1f} s{rate}"
+    )
+    say(f"key {s['key']}")

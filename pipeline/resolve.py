@@ -1,0 +1,107 @@
+"""Stage 1, resolve: model spec + dataset spec + what to store -> a request and its cache key.
+
+Nothing heavy happens here: the checkpoint is found (not loaded), the tokenizer and the
+rows are read, so that a complete store for the key is a cache hit without loading the
+model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cache import cache_key
+from pipeline.datasets import Examples, load_examples
+from pipeline.models import resolve_checkpoint, resolve_spec
+from pipeline.models.base import load_tokenizer, max_length_for, quantization_bits
+from pipeline.models.helpers import resolve_dtype
+from pipeline.models.hub import ResolvedCheckpoint, check_weights, read_config
+from pipeline.tokenize import tokenizer_hash
+from schemas import ExtractionRequest, ModelSpec, OutputSpec
+from schemas.dataset import DatasetSpec
+from schemas.model import parse_dtype_name
+
+__all__ = ["Resolved", "model_depths", "resolve"]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Everything the later stages need, decided once."""
+
+    spec: ModelSpec
+    checkpoint: ResolvedCheckpoint
+    tokenizer: Any
+    tokenizer_hash: str
+    max_length: int
+    examples: Examples
+    request: ExtractionRequest
+    key: str
+    n_states: int
+    hidden_size: int
+    vocab_size: int
+    layers: tuple[int, ...]
+    quant_bits: int | None
+    dtype: str
+
+
+def model_depths(config: dict[str, Any], arch: str) -> tuple[int, int, int]:
+    """(hidden states per stack, hidden size, vocabulary) from a config.json."""
+    layers = config.get("num_hidden_layers", config.get("num_layers", config.get("n_layer")))
+    if arch == "seq2seq":
+        decoder = config.get("num_decoder_layers") or layers
+        if decoder != layers:
+            layers = min(layers, decoder)  # both stacks are stored layer by layer: keep the common depth
+    hidden = config.get("hidden_size", config.get("d_model", config.get("n_embd")))
+    return int(layers) + 1, int(hidden), int(config.get("vocab_size", 0))
+
+
+def resolve(
+    model: str | ModelSpec,
+    dataset: DatasetSpec,
+    outputs: OutputSpec,
+    *,
+    revision: str | None = None,
+    dtype: str | None = None,
+    quantization: bool | int | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> Resolved:
+    spec = resolve_spec(model)
+    dtype_name = parse_dtype_name(dtype) if dtype is not None else spec.dtype
+    resolve_dtype(dtype_name)
+    bits = quantization_bits(spec, quantization)
+    checkpoint = resolve_checkpoint(spec, revision)
+    check_weights(checkpoint.path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(checkpoint.path, spec, trust_remote_code=trust_remote_code)
+    config = read_config(checkpoint.path)
+    n_states, hidden, vocab = model_depths(config, spec.arch)
+    layers = outputs.resolve_layers(n_states)
+    max_length = max_length_for(spec, tokenizer, config.get("max_position_embeddings"))
+    tok_hash = tokenizer_hash(tokenizer)
+    examples = load_examples(dataset)
+    model_identity = {
+        **checkpoint.identity(),
+        "arch": spec.arch,
+        "dtype": dtype_name,
+        "quantization": bits,
+        "tokenizer_hash": tok_hash,
+        "tokenizer_kwargs": {"max_length": max_length, "truncation": True},
+        "decoder_input": "shifted" if spec.arch == "seq2seq" else None,
+    }
+    request = ExtractionRequest(model=model_identity, dataset=examples.identity(), outputs=outputs)
+    return Resolved(
+        spec,
+        checkpoint,
+        tokenizer,
+        tok_hash,
+        max_length,
+        examples,
+        request,
+        cache_key(request),
+        n_states,
+        hidden,
+        vocab,
+        layers,
+        bits,
+        dtype_name,
+    )

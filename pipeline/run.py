@@ -1,0 +1,239 @@
+"""Stage 4-5, run and write: each pending shard's examples through the model, then into the store.
+
+Inside a shard, batches are formed by length (longest first) so little compute goes to
+padding; results are placed back in dataset order in the shard's buffers. A bounded
+background thread writes and commits finished shards while the model computes the next
+one. Ctrl-C stops after the batch in hand: the shard in progress is dropped (its claim
+released, nothing committed) and the shards already handed to the writer are committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache import StoreWriter
+from pipeline.reduce import BatchResult, Reducer
+from pipeline.tokenize import Tokenized
+from schemas import ActcacheError, ShardClaimedError
+from schemas.store import ArraySpec, ShardRange
+
+__all__ = ["Interrupted", "RunStats", "run_shards"]
+
+
+class Interrupted(ActcacheError):
+    """The run was stopped by Ctrl-C; committed shards are kept, rerun to continue."""
+
+
+@dataclass
+class RunStats:
+    shards_written: int = 0
+    shards_skipped: list[int] = field(default_factory=list)  # claimed by another process
+    tokens: int = 0
+    computed_positions: int = 0  # padded batch positions the model ran over
+    seconds: float = 0.0
+
+
+class _StopFlag:
+    """SIGINT sets the flag once; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _BackgroundWriter:
+    """A thread that writes and commits shards, at most `depth` waiting, errors re-raised."""
+
+    def __init__(self, writer: StoreWriter, depth: int = 1) -> None:
+        self.writer = writer
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="actcache-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            claim, shard, arrays, lengths, stats = item
+            try:
+                if self.error is None:
+                    self.writer.write_shard(shard, arrays, lengths, stats)
+            except BaseException as exc:  # handed to the main thread, which raises it
+                self.error = exc
+            finally:
+                claim.close()
+
+    def put(self, item: Any) -> None:
+        self.check()
+        self.queue.put(item)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
+
+
+def run_shards(
+    runner: Any,
+    tokenized: Tokenized,
+    writer: StoreWriter,
+    reducer: Reducer,
+    *,
+    batch_size: int,
+    progress: Any,
+) -> RunStats:
+    """Compute and commit every pending shard this process can claim."""
+    stats = RunStats()
+    started = time.perf_counter()
+    flag = _StopFlag()
+    background = _BackgroundWriter(writer)
+    try:
+        with flag.installed():
+            for shard in writer.pending_shards():
+                claim = contextlib.ExitStack()
+                try:
+                    claim.enter_context(writer.claim(shard.index))
+                except ShardClaimedError:
+                    stats.shards_skipped.append(shard.index)
+                    continue
+                try:
+                    buffers, shard_stats = _compute_shard(
+                        runner, tokenized, writer, reducer, shard, batch_size, progress, flag, stats
+                    )
+                except BaseException:
+                    claim.close()
+                    raise
+                if buffers is None:  # stopped mid-shard: drop it, keep what is committed
+                    claim.close()
+                    break
+                lengths = tokenized.lengths[shard.ex_start : shard.ex_stop]
+                background.put((claim, shard, buffers, lengths, shard_stats))
+                stats.shards_written += 1
+    finally:
+        background.close()
+        stats.seconds = time.perf_counter() - started
+    if flag.stop:
+        raise Interrupted(
+            f"stopped by Ctrl-C after {stats.shards_written} shard(s) were committed; rerun the same "
+            "command to continue from there."
+        )
+    return stats
+
+
+def _compute_shard(
+    runner: Any,
+    tokenized: Tokenized,
+    writer: StoreWriter,
+    reducer: Reducer,
+    shard: ShardRange,
+    batch_size: int,
+    progress: Any,
+    flag: _StopFlag,
+    stats: RunStats,
+) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+    buffers = {
+        spec.name: np.zeros((*spec.leading, _logical(spec, shard), *spec.trailing), dtype=spec.physical_dtype)
+        for spec in writer.manifest.arrays
+        if spec.name != "offsets"
+    }
+    lengths = tokenized.lengths[shard.ex_start : shard.ex_stop]
+    starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]  # token offset of each example in the shard
+    order = np.argsort(-lengths, kind="stable")  # longest first: padding stays small
+    nonfinite: dict[str, list[int]] = {}
+    for begin in range(0, len(order), batch_size):
+        members = order[begin : begin + batch_size]
+        batch, special = _collate(tokenized, shard.ex_start + members, runner)
+        result: BatchResult = reducer(runner.forward(batch), special)
+        _scatter(writer.manifest.arrays, buffers, result, members, starts)
+        for stack, counts in result.nonfinite.items():
+            total = nonfinite.setdefault(stack, [0] * len(counts))
+            nonfinite[stack] = [a + b for a, b in zip(total, counts, strict=True)]
+        n_tokens = int(sum(result.lengths))
+        stats.tokens += n_tokens
+        stats.computed_positions += int(batch["input_ids"].numel())
+        progress.update(n_tokens)
+        if flag.stop:
+            return None, {}
+    return buffers, {"nonfinite": nonfinite, "computed_positions": stats.computed_positions}
+
+
+def _logical(spec: ArraySpec, shard: ShardRange) -> int:
+    return shard.n_tokens if spec.axis == "token" else shard.n_examples
+
+
+def _collate(
+    tokenized: Tokenized, rows: np.ndarray, runner: Any
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Right-padded tensors for `rows` of the tokenized dataset, plus their special-token mask."""
+    records = tokenized.dataset[[int(r) for r in rows]]
+    ids = records["input_ids"]
+    width = max((len(x) for x in ids), default=0)
+    n = len(ids)
+    pad = runner.tokenizer.pad_token_id
+    input_ids = torch.full((n, width), pad, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    special = torch.zeros((n, width), dtype=torch.long)
+    types = torch.zeros((n, width), dtype=torch.long) if "token_type_ids" in records else None
+    for i, seq in enumerate(ids):
+        k = len(seq)
+        input_ids[i, :k] = torch.as_tensor(seq)
+        attention[i, :k] = 1
+        special[i, :k] = torch.as_tensor(records["special_tokens_mask"][i])
+        if types is not None:
+            types[i, :k] = torch.as_tensor(records["token_type_ids"][i])
+    batch = {"input_ids": input_ids, "attention_mask": attention}
+    if types is not None:
+        batch["token_type_ids"] = types
+    return {k: v.to(runner.device) for k, v in batch.items()}, special
+
+
+def _scatter(
+    arrays: tuple[ArraySpec, ...],
+    buffers: dict[str, np.ndarray],
+    result: BatchResult,
+    members: np.ndarray,
+    starts: np.ndarray,
+) -> None:
+    """Put each example's slice of a batch result at its place in the shard (dataset order)."""
+    batch_starts = np.concatenate([[0], np.cumsum(result.lengths)])
+    for spec in arrays:
+        if spec.name in result.token_arrays:
+            source = result.token_arrays[spec.name]
+            axis = len(spec.leading)
+            for j, example in enumerate(members):
+                n = result.lengths[j]
+                dst = (slice(None),) * axis + (slice(starts[example], starts[example] + n),)
+                src = (slice(None),) * axis + (slice(batch_starts[j], batch_starts[j] + n),)
+                buffers[spec.name][dst] = source[src]
+        elif spec.name in result.example_arrays:
+            axis = len(spec.leading)
+            index = (slice(None),) * axis + (members,)
+            buffers[spec.name][index] = result.example_arrays[spec.name]

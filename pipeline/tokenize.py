@@ -1,0 +1,96 @@
+"""Stage 2, tokenize: examples -> token ids, special-token masks and lengths, before any forward pass.
+
+Runs as a batched `datasets` map whose result is cached under the actcache root by the
+hash of (rows, tokenizer, kwargs), so a rerun or a resume reuses it instead of
+tokenizing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.datasets import Examples
+
+__all__ = ["Tokenized", "tokenize_examples", "tokenizer_hash"]
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """Content hash of a tokenizer: its full tokenizers-library definition, not a file path."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    extra = json.dumps(
+        {
+            "class": type(tokenizer).__name__,
+            "special": tokenizer.special_tokens_map,
+            "side": tokenizer.padding_side,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256((definition + extra).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids per example (dataset order), in an Arrow-backed `datasets.Dataset`.
+
+    Columns: ``input_ids``, ``special_tokens_mask``, ``length``, ``truncated`` and
+    ``token_type_ids`` where the tokenizer makes them.
+    """
+
+    dataset: Any
+    lengths: np.ndarray
+    max_length: int
+
+    @property
+    def n_truncated(self) -> int:
+        return int(np.sum(self.dataset["truncated"])) if len(self.dataset) else 0
+
+
+def tokenize_examples(
+    examples: Examples, tokenizer: Any, *, max_length: int, cache_dir: Path, tok_hash: str
+) -> Tokenized:
+    """Tokenize every example, truncating at `max_length` and recording which were truncated."""
+    import datasets
+
+    pair = examples.spec.pair
+    columns = (
+        {"a": [t[0] for t in examples.texts], "b": [t[1] for t in examples.texts]}
+        if pair
+        else {"a": examples.texts}
+    )
+    fingerprint = hashlib.sha256(
+        f"{examples.content_hash}:{tok_hash}:{max_length}:{pair}:v1".encode()
+    ).hexdigest()[:32]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    specials = tokenizer.num_special_tokens_to_add(pair=pair)
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        args = (batch["a"], batch["b"]) if pair else (batch["a"],)
+        out = tokenizer(*args, truncation=True, max_length=max_length, return_special_tokens_mask=True)
+        raw = [tokenizer(col, add_special_tokens=False)["input_ids"] for col in args]
+        full = [sum(len(col[i]) for col in raw) + specials for i in range(len(batch["a"]))]
+        result = {k: out[k] for k in ("input_ids", "special_tokens_mask", "token_type_ids") if k in out}
+        result["length"] = [len(ids) for ids in out["input_ids"]]
+        result["truncated"] = [f > max_length for f in full]
+        return result
+
+    dataset = datasets.Dataset.from_dict(columns)
+    datasets.disable_progress_bars()
+    tokenized = dataset.map(
+        encode,
+        batched=True,
+        batch_size=1000,
+        remove_columns=list(columns),
+        cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
+        new_fingerprint=fingerprint,
+        load_from_cache_file=True,
+    )
+    lengths = np.asarray(tokenized["length"], dtype=np.int64) if len(tokenized) else np.zeros(0, np.int64)
+    return Tokenized(tokenized.with_format("numpy"), lengths, max_length)
