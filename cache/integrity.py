@@ -35,9 +35,7 @@ def checksum_file(path: Path) -> str | None:
 def shard_checksums(store: Path, manifest: Manifest, shard: ShardRange) -> dict[str, dict[str, str | None]]:
     """Checksums of every chunk file `shard` owns, by array and chunk key."""
     return {
-        spec.name: {
-            key: checksum_file(store / spec.name / key) for key in spec.shard_chunks(shard, manifest.geometry)
-        }
+        spec.name: {key: checksum_file(store / spec.name / key) for key in spec.shard_chunks(shard, manifest.geometry)}
         for spec in manifest.arrays
     }
 
@@ -81,9 +79,7 @@ class VerifyReport:
             shown = "; ".join(problems[:3]) + (f"; ... {len(problems) - 3} more" if len(problems) > 3 else "")
             lines.append(f"  corrupt shard {index}: {shown}")
         if self.reset:
-            lines.append(
-                f"  reset to pending: shards {_ranges(self.reset)} (rerun the same extract to redo them)"
-            )
+            lines.append(f"  reset to pending: shards {_ranges(self.reset)} (rerun the same extract to redo them)")
         return "\n".join(lines)
 
 
@@ -107,9 +103,7 @@ def verify_store(store: Path, manifest: Manifest) -> VerifyReport:
     return report
 
 
-def _compare(
-    recorded: dict[str, dict[str, str | None]], actual: dict[str, dict[str, str | None]]
-) -> list[str]:
+def _compare(recorded: dict[str, dict[str, str | None]], actual: dict[str, dict[str, str | None]]) -> list[str]:
     problems = []
     for array, chunks in actual.items():
         for key, digest in chunks.items():

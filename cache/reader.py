@@ -149,9 +149,7 @@ class Activations:
         """Physical [start, stop) runs of the view along the split axis, adjacent ones merged."""
         runs: list[tuple[int, int]] = []
         for s in self.shards:
-            start, stop = (
-                (s.phys_start, s.phys_start + s.n_tokens) if spec.axis == "token" else (s.ex_start, s.ex_stop)
-            )
+            start, stop = (s.phys_start, s.phys_start + s.n_tokens) if spec.axis == "token" else (s.ex_start, s.ex_stop)
             if runs and runs[-1][1] == start:
                 runs[-1] = (runs[-1][0], stop)
             elif stop > start or not runs:
@@ -253,9 +251,7 @@ class Activations:
 
         path = self.path / EXAMPLES_FILE
         table = (
-            pd.read_parquet(path)
-            if path.is_file()
-            else pd.DataFrame(index=range(self.manifest.geometry.n_examples))
+            pd.read_parquet(path) if path.is_file() else pd.DataFrame(index=range(self.manifest.geometry.n_examples))
         )
         rows = np.concatenate([np.arange(s.ex_start, s.ex_stop) for s in self.shards] or [np.zeros(0, int)])
         view = table.iloc[rows]
@@ -296,9 +292,7 @@ class Activations:
         coords: dict[str, Any] = {"layer": list(self.layers)}
         for column in self.examples.columns:
             coords[str(column)] = ("example", self.examples[column].to_numpy())
-        return xr.Dataset(
-            variables, coords=coords, attrs={"key": self.key, "n_states": self.manifest.n_states}
-        )
+        return xr.Dataset(variables, coords=coords, attrs={"key": self.key, "n_states": self.manifest.n_states})
 
     def _logical_edges(self, spec: ArraySpec) -> Any:
         return self.offsets if spec.name == OFFSETS else self._logical(spec.name)

@@ -300,9 +300,7 @@ class StoreWriter:
         """
         with flocked(self.path.with_name(self.path.name + ".lock")):
             manifest = self._read_manifest(self.path)
-            pending = [
-                s.index for s in manifest.geometry.shards if not marker_path(self.path, s.index).is_file()
-            ]
+            pending = [s.index for s in manifest.geometry.shards if not marker_path(self.path, s.index).is_file()]
             if pending or manifest.complete:
                 self.manifest = manifest
                 return manifest
@@ -312,9 +310,7 @@ class StoreWriter:
                 if marker is None:
                     raise StoreCorruptError(f"marker of shard {shard.index} vanished during finalize")
                 _add_counts(totals, marker.get("stats", {}))
-            manifest = manifest.with_(
-                complete=True, completed_at=utcnow(), stats={**totals, **dict(stats or {})}
-            )
+            manifest = manifest.with_(complete=True, completed_at=utcnow(), stats={**totals, **dict(stats or {})})
             write_json(self.path / MANIFEST_FILE, manifest.to_dict())
             self.manifest = manifest
             return manifest

@@ -50,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("--cache-dir", help="cache root (default: $ACTCACHE_DIR, else ~/.cache/actcache)")
         if name in ("show", "verify", "rm"):
-            sub.add_argument(
-                "store", metavar="KEY|ALIAS|PATH", help="a cache key, an alias (model__data) or a path"
-            )
+            sub.add_argument("store", metavar="KEY|ALIAS|PATH", help="a cache key, an alias (model__data) or a path")
         if name == "verify":
             sub.add_argument(
                 "--no-reset",
@@ -61,9 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="only report; leave corrupt shards marked done",
             )
         if name == "gc":
-            sub.add_argument(
-                "--older-than", type=float, default=7.0, metavar="DAYS", help="age in days (default 7)"
-            )
+            sub.add_argument("--older-than", type=float, default=7.0, metavar="DAYS", help="age in days (default 7)")
         sub.set_defaults(func=func)
     return parser
 
@@ -122,7 +118,11 @@ def _add_extract(commands: Any) -> None:
         default=None,
         help="tokenize two text columns together as one example (default: separate examples)",
     )
-    what.add_argument("--limit", type=int, help="first N rows (of each language for xnli)")
+    what.add_argument(
+        "--limit",
+        type=int,
+        help="first N rows of each language (xnli, sample, any data with a language column), else first N rows",
+    )
     what.add_argument("--revision", help="model branch, tag or commit to pin")
     stored = p.add_argument_group("what to store")
     stored.add_argument(
@@ -163,18 +163,10 @@ def _add_extract(commands: Any) -> None:
         help="load in full precision even where the registry quantizes (llama3)",
     )
     how.add_argument("--cache-dir", help="cache root (default: $ACTCACHE_DIR, else ~/.cache/actcache)")
-    how.add_argument(
-        "--force", action="store_true", help="remove an existing store for this request and extract again"
-    )
-    how.add_argument(
-        "--quiet", "-q", action="store_true", help="no progress bar or summary; print only the store path"
-    )
-    how.add_argument(
-        "--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code to run"
-    )
-    how.add_argument(
-        "--allow-pickle", action="store_true", help="allow pickle (.bin) weights; unpickling runs code"
-    )
+    how.add_argument("--force", action="store_true", help="remove an existing store for this request and extract again")
+    how.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary; print only the store path")
+    how.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code to run")
+    how.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; unpickling runs code")
     p.set_defaults(func=_cmd_extract)
 
 
@@ -231,9 +223,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     shards = manifest.geometry.shards
     done = sum(marker_path(path, s.index).is_file() for s in shards)
     data = manifest.to_dict()
-    data["geometry"] = {k: v for k, v in data["geometry"].items() if k != "shards"} | {
-        "n_shards": len(shards)
-    }
+    data["geometry"] = {k: v for k, v in data["geometry"].items() if k != "shards"} | {"n_shards": len(shards)}
     print(json.dumps(data, indent=2, sort_keys=True))
     state = "complete" if manifest.complete else f"incomplete: {done}/{len(shards)} shards done"
     print(f"path: {path}\nsize on disk: {_size(store_bytes(path))}\nstate: {state}")

@@ -115,15 +115,11 @@ def resolve_dataset(
     path = Path(data).expanduser()
     if path.exists():
         if path.suffix.lower() not in FILE_BUILDERS or not path.is_file():
-            raise ConfigError(
-                f"cannot read {data!r}: local datasets are files ending in {', '.join(FILE_BUILDERS)}"
-            )
+            raise ConfigError(f"cannot read {data!r}: local datasets are files ending in {', '.join(FILE_BUILDERS)}")
         spec = DatasetSpec(name=path.stem, source="files", path=str(path.resolve()), split="train")
         return spec.with_(**overrides)
     if "/" in data and not data.startswith((".", "/")):
-        return DatasetSpec(name=data.replace("/", "-"), source="hub", path=data, split="train").with_(
-            **overrides
-        )
+        return DatasetSpec(name=data.replace("/", "-"), source="hub", path=data, split="train").with_(**overrides)
     raise DatasetNotAvailableError(
         f"unknown dataset {data!r}: not a registered name ({', '.join(sorted(DATASETS))}), not an existing "
         "file, not a Hub id (org/name). Fix: pass one of those, e.g. --data sample or --data texts.jsonl."
@@ -144,7 +140,7 @@ def load_examples(spec: DatasetSpec) -> Examples:
                 f"dataset {spec.name!r} has no column {missing[0]!r}; its columns are {columns}. "
                 "Fix: pick text columns with --text-column."
             )
-        rows = table.to_pylist() if spec.limit is None else table.slice(0, spec.limit).to_pylist()
+        rows = _limited(table.to_pylist(), spec.limit, "language" in columns)
         meta_columns = [c for c in columns if c not in spec.text_columns]
         for row_index, row in enumerate(rows):
             base = {c: row[c] for c in meta_columns}
@@ -162,11 +158,24 @@ def load_examples(spec: DatasetSpec) -> Examples:
                 for name in [*metadata, *(k for k in record if k not in metadata)]:
                     metadata.setdefault(name, [None] * len(texts)).append(record.get(name))
                 texts.append(text)
-                digest.update(
-                    json.dumps([text, record], sort_keys=True, default=str, ensure_ascii=False).encode()
-                )
+                digest.update(json.dumps([text, record], sort_keys=True, default=str, ensure_ascii=False).encode())
                 digest.update(b"\n")
     return Examples(spec, texts, metadata, digest.hexdigest(), _revision(spec))
+
+
+def _limited(rows: list[dict[str, Any]], limit: int | None, per_language: bool) -> list[dict[str, Any]]:
+    """The first `limit` rows, of each language when rows carry one (a multilingual sample stays so)."""
+    if limit is None:
+        return rows
+    if not per_language:
+        return rows[:limit]
+    seen: dict[Any, int] = {}
+    kept = []
+    for row in rows:
+        seen[row["language"]] = seen.get(row["language"], 0) + 1
+        if seen[row["language"]] <= limit:
+            kept.append(row)
+    return kept
 
 
 def _text(value: Any) -> str:
@@ -181,15 +190,21 @@ def _load_tables(spec: DatasetSpec) -> list[tuple[str | None, Any]]:
     try:
         if spec.source in ("files", "package"):
             builder = FILE_BUILDERS[Path(spec.path).suffix.lower()]
-            loaded = datasets.load_dataset(builder, data_files={spec.split: spec.path})
+            # A file is one split: 'train' as `datasets` names it, 'test' for the shipped sample.
+            name = "test" if spec.source == "package" else "train"
+            loaded = datasets.load_dataset(builder, data_files={name: spec.path})
             return [(None, _split(loaded, spec).data.table)]
         configs: list[str | None] = list(spec.configs) if spec.configs else [None]
         return [
-            (c if spec.configs else None, _split(datasets.load_dataset(spec.path, c), spec).data.table)
-            for c in configs
+            (c if spec.configs else None, _split(datasets.load_dataset(spec.path, c), spec).data.table) for c in configs
         ]
     except (ConfigError, DatasetNotAvailableError):
         raise
+    except datasets.exceptions.DatasetGenerationError as exc:
+        where = _locate_problem(Path(spec.path)) or _root_cause(exc)
+        raise ConfigError(
+            f"could not read {spec.path!r}: {where}. Fix: make the file valid UTF-8 {Path(spec.path).suffix}."
+        ) from None
     except (ValueError, UnicodeDecodeError) as exc:
         if spec.source == "hub" and "Couldn't find" not in str(exc) and "offline" not in str(exc).lower():
             raise ConfigError(f"could not read dataset {spec.name!r} ({spec.path}): {exc}") from None
@@ -224,6 +239,29 @@ def _not_available(spec: DatasetSpec, exc: BaseException) -> DatasetNotAvailable
         "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) to cache it, point HF_HOME at a cache that holds it, "
         "or pass a local file (--data path.jsonl)."
     )
+
+
+def _locate_problem(path: Path) -> str | None:
+    """'line N: what is wrong' for a file that is not UTF-8, or a .jsonl line that is not JSON."""
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return f"line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+            if path.suffix.lower() == ".jsonl" and line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as exc:
+                    return f"line {number} is not valid JSON ({exc})"
+    return None
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause's first line: the parser's own words (with its row or line number)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:

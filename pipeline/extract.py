@@ -121,9 +121,7 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
         tok_hash=resolved.tokenizer_hash,
     )
     if len(tokenized.lengths) == 0:
-        raise ConfigError(
-            f"dataset {dataset.name!r} gave no examples (split {dataset.split!r}); nothing to extract"
-        )
+        raise ConfigError(f"dataset {dataset.name!r} gave no examples (split {dataset.split!r}); nothing to extract")
     geometry = plan(
         tokenized.lengths,
         shard_tokens=cfg.shard_tokens,
@@ -191,28 +189,20 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
     from tqdm.auto import tqdm
 
     total = sum(s.n_tokens for s in pending)
-    with tqdm(
-        total=total, unit="tok", unit_scale=True, disable=cfg.quiet, file=sys.stderr, desc="extract"
-    ) as bar:
+    with tqdm(total=total, unit="tok", unit_scale=True, disable=cfg.quiet, file=sys.stderr, desc="extract") as bar:
         stats = run_shards(runner, tokenized, writer, reducer, batch_size=cfg.batch_size, progress=bar)
     elapsed = time.perf_counter() - started
     manifest = writer.finalize(
         stats={
             "n_truncated": tokenized.n_truncated,
-            "n_empty": sum(
-                1 for t in resolved.examples.texts if not (t if isinstance(t, str) else "".join(t)).strip()
-            ),
+            "n_empty": sum(1 for t in resolved.examples.texts if not (t if isinstance(t, str) else "".join(t)).strip()),
         }
     )
     if stats.shards_skipped and not manifest.complete:
-        say(
-            f"shards {stats.shards_skipped} are being written by another process; rerun to finish if it stops."
-        )
+        say(f"shards {stats.shards_skipped} are being written by another process; rerun to finish if it stops.")
     _warn_nonfinite(manifest, say)
     summary = _summary(manifest, writer.path, elapsed, stats.tokens)
-    summary["padding_share"] = (
-        1 - stats.tokens / stats.computed_positions if stats.computed_positions else 0.0
-    )
+    summary["padding_share"] = 1 - stats.tokens / stats.computed_positions if stats.computed_positions else 0.0
     _print_summary(say, summary)
     print(writer.path, file=out, flush=True)
     return ExtractResult(resolved.key, writer.path, False, manifest, summary)

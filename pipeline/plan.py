@@ -16,16 +16,14 @@ DEFAULT_SHARD_TOKENS = 16384  # a shard's buffers for 13 layers x 768 float16: ~
 DEFAULT_MAX_FULL_LOGITS_GB = 20.0
 
 
-def plan(lengths: Sequence[int], *, shard_tokens: int, hidden: int, store_dtype: str) -> Geometry:
+def plan(lengths: Sequence[int] | np.ndarray, *, shard_tokens: int, hidden: int, store_dtype: str) -> Geometry:
     """Shards of about `shard_tokens` tokens; chunks of one layer ~2 MB, never much above a shard."""
     itemsize = 4 if store_dtype == "float32" else 2
     token_chunk = min(default_token_chunk(hidden, itemsize), 2 ** math.ceil(math.log2(max(2, shard_tokens))))
     mean = max(1.0, float(np.mean(lengths))) if len(lengths) else 1.0
     # Shards end on multiples of the example chunk: make it about a shard's worth of examples.
-    example_chunk = int(min(1024, max(16, 2 ** math.floor(math.log2(max(1.0, shard_tokens / mean))))))
-    return plan_geometry(
-        list(lengths), shard_tokens=shard_tokens, token_chunk=token_chunk, example_chunk=example_chunk
-    )
+    example_chunk = int(min(1024, max(4, 2 ** math.floor(math.log2(max(1.0, shard_tokens / mean))))))
+    return plan_geometry(list(lengths), shard_tokens=shard_tokens, token_chunk=token_chunk, example_chunk=example_chunk)
 
 
 def check_full_logits(outputs: OutputSpec, n_tokens: int, vocab: int, limit_gb: float) -> str:

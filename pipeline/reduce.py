@@ -112,9 +112,7 @@ class Reducer:
                 chunks[LOGITS_TOPK_VALUES].append(top.values.cpu().numpy())
                 chunks[LOGITS_TOPK_IDS].append(top.indices.to(torch.int32).cpu().numpy())
             if self.logits == "full":
-                chunks[LOGITS_FULL].append(
-                    storage_array(logits[start : start + _LOGIT_CHUNK], self.store_dtype)
-                )
+                chunks[LOGITS_FULL].append(storage_array(logits[start : start + _LOGIT_CHUNK], self.store_dtype))
         return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in chunks.items()}
 
 

@@ -17,7 +17,7 @@ from pipeline.models.base import load_tokenizer, max_length_for, quantization_bi
 from pipeline.models.helpers import resolve_dtype
 from pipeline.models.hub import ResolvedCheckpoint, check_weights, read_config
 from pipeline.tokenize import tokenizer_hash
-from schemas import ExtractionRequest, ModelSpec, OutputSpec
+from schemas import CheckpointError, ExtractionRequest, ModelSpec, OutputSpec
 from schemas.dataset import DatasetSpec
 from schemas.model import parse_dtype_name
 
@@ -46,13 +46,17 @@ class Resolved:
 
 def model_depths(config: dict[str, Any], arch: str) -> tuple[int, int, int]:
     """(hidden states per stack, hidden size, vocabulary) from a config.json."""
-    layers = config.get("num_hidden_layers", config.get("num_layers", config.get("n_layer")))
+    layers = next((config[k] for k in ("num_hidden_layers", "num_layers", "n_layer") if config.get(k)), None)
+    hidden = next((config[k] for k in ("hidden_size", "d_model", "n_embd") if config.get(k)), None)
+    if layers is None or hidden is None:
+        raise CheckpointError(
+            f"config.json of model_type {config.get('model_type')!r} names no layer count or hidden size; "
+            "actcache cannot lay out its hidden states."
+        )
     if arch == "seq2seq":
-        decoder = config.get("num_decoder_layers") or layers
-        if decoder != layers:
-            layers = min(layers, decoder)  # both stacks are stored layer by layer: keep the common depth
-    hidden = config.get("hidden_size", config.get("d_model", config.get("n_embd")))
-    return int(layers) + 1, int(hidden), int(config.get("vocab_size", 0))
+        # Both stacks are stored layer by layer under one layer index: keep their common depth.
+        layers = min(int(layers), int(config.get("num_decoder_layers") or layers))
+    return int(layers) + 1, int(hidden), int(config.get("vocab_size") or 0)
 
 
 def resolve(

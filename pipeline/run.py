@@ -189,9 +189,7 @@ def _logical(spec: ArraySpec, shard: ShardRange) -> int:
     return shard.n_tokens if spec.axis == "token" else shard.n_examples
 
 
-def _collate(
-    tokenized: Tokenized, rows: np.ndarray, runner: Any
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _collate(tokenized: Tokenized, rows: np.ndarray, runner: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Right-padded tensors for `rows` of the tokenized dataset, plus their special-token mask."""
     records = tokenized.dataset[[int(r) for r in rows]]
     ids = records["input_ids"]

@@ -61,13 +61,9 @@ def tokenize_examples(
 
     pair = examples.spec.pair
     columns = (
-        {"a": [t[0] for t in examples.texts], "b": [t[1] for t in examples.texts]}
-        if pair
-        else {"a": examples.texts}
+        {"a": [t[0] for t in examples.texts], "b": [t[1] for t in examples.texts]} if pair else {"a": examples.texts}
     )
-    fingerprint = hashlib.sha256(
-        f"{examples.content_hash}:{tok_hash}:{max_length}:{pair}:v1".encode()
-    ).hexdigest()[:32]
+    fingerprint = hashlib.sha256(f"{examples.content_hash}:{tok_hash}:{max_length}:{pair}:v1".encode()).hexdigest()[:32]
     cache_dir.mkdir(parents=True, exist_ok=True)
     specials = tokenizer.num_special_tokens_to_add(pair=pair)
 

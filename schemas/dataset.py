@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from schemas.errors import ConfigError
 
@@ -21,7 +22,8 @@ class DatasetSpec:
     `language` column (XNLI's per-language configs); `text_columns` are read as separate
     examples, row by row (premise then hypothesis of row 0, then of row 1, ...) unless
     `pair` is set, which tokenizes them together as one example; `limit` keeps the first
-    N rows of each config (of the whole file when there are no configs).
+    N rows of each language (each config, or each value of a `language` column), else the
+    first N rows.
     """
 
     name: str

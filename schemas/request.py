@@ -36,16 +36,12 @@ def parse_logits_mode(value: str) -> str:
     match = _TOPK.match(text)
     if text in ("none", "full") or (match and int(match.group(1)) >= 1):
         return text
-    raise ConfigError(
-        f"invalid logits mode {value!r}; use 'none', 'topk:K' with K >= 1 (e.g. 'topk:10'), or 'full'"
-    )
+    raise ConfigError(f"invalid logits mode {value!r}; use 'none', 'topk:K' with K >= 1 (e.g. 'topk:10'), or 'full'")
 
 
 def parse_store_dtype(value: str) -> str:
     """The storage dtype of activations: 'float16' (default), 'bfloat16' or 'float32'."""
-    text = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(
-        str(value).lower(), str(value).lower()
-    )
+    text = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(str(value).lower(), str(value).lower())
     if text not in STORE_DTYPES:
         raise ConfigError(f"invalid storage dtype {value!r}; use one of {', '.join(STORE_DTYPES)}")
     return text
@@ -82,7 +78,7 @@ class OutputSpec:
     only the pooled arrays.
     """
 
-    layers: tuple[int, ...] | None = None
+    layers: str | tuple[int, ...] | None = None  # parsed to a tuple of indices or None (all)
     logits: str = "topk:10"
     store_dtype: str = "float16"
     token_level: bool = True
@@ -101,10 +97,11 @@ class OutputSpec:
 
     def resolve_layers(self, n_states: int) -> tuple[int, ...]:
         """The stored indices (non-negative, sorted) for a model with `n_states` hidden states."""
-        if self.layers is None:
+        layers = parse_layers(self.layers)  # already parsed in __post_init__; this narrows the type
+        if layers is None:
             return tuple(range(n_states))
-        resolved = set()
-        for layer in self.layers:
+        resolved: set[int] = set()
+        for layer in layers:
             if not -n_states <= layer < n_states:
                 raise ConfigError(
                     f"layer {layer} is out of range: the model has {n_states} hidden states "
@@ -142,9 +139,7 @@ class ExtractionRequest:
             value = getattr(self, part)
             missing = [name for name in required if name not in value]
             if missing:
-                raise ConfigError(
-                    f"ExtractionRequest.{part} lacks {missing}; it identifies the stored values"
-                )
+                raise ConfigError(f"ExtractionRequest.{part} lacks {missing}; it identifies the stored values")
             object.__setattr__(self, part, MappingProxyType(dict(value)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,9 +151,7 @@ class ExtractionRequest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ExtractionRequest:
-        return cls(
-            model=data["model"], dataset=data["dataset"], outputs=OutputSpec.from_dict(data["outputs"])
-        )
+        return cls(model=data["model"], dataset=data["dataset"], outputs=OutputSpec.from_dict(data["outputs"]))
 
 
 def _plain(value: Any) -> Any:

@@ -177,17 +177,11 @@ class ArraySpec:
         along = range(start // step, math.ceil(stop / step))
         tail = (0,) * len(self.trailing)  # trailing dims are never split
         return [
-            chunk_key((*lead, c, *tail))
-            for lead in itertools.product(*(range(n) for n in self.leading))
-            for c in along
+            chunk_key((*lead, c, *tail)) for lead in itertools.product(*(range(n) for n in self.leading)) for c in along
         ]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: list(v) if isinstance(v, tuple) else v
-            for f in fields(self)
-            for v in [getattr(self, f.name)]
-        }
+        return {f.name: list(v) if isinstance(v, tuple) else v for f in fields(self) for v in [getattr(self, f.name)]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ArraySpec:
@@ -262,9 +256,7 @@ class Geometry:
         )
 
 
-def plan_geometry(
-    lengths: Sequence[int], *, shard_tokens: int, token_chunk: int, example_chunk: int
-) -> Geometry:
+def plan_geometry(lengths: Sequence[int], *, shard_tokens: int, token_chunk: int, example_chunk: int) -> Geometry:
     """Split examples into shards of about `shard_tokens` tokens, in blocks of `example_chunk`.
 
     A shard closes once it holds `shard_tokens` tokens or more; it always ends on a

@@ -38,9 +38,7 @@ def test_unknown_model_lists_the_known_keys() -> None:
     assert isinstance(err.value, ActcacheError) and isinstance(err.value, LookupError)
 
 
-def test_offline_without_a_local_copy_names_id_cache_and_fix(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_offline_without_a_local_copy_names_id_cache_and_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
     started = time.monotonic()
     with pytest.raises(ModelNotAvailableError) as err:
@@ -83,9 +81,7 @@ def test_invalid_dtype_through_load_model_fails_before_loading() -> None:
 
 
 def test_resolve_dtype_accepts_every_spelling() -> None:
-    assert (
-        resolve_dtype("bfloat16") is resolve_dtype("BF16") is resolve_dtype(torch.bfloat16) is torch.bfloat16
-    )
+    assert resolve_dtype("bfloat16") is resolve_dtype("BF16") is resolve_dtype(torch.bfloat16) is torch.bfloat16
     assert resolve_dtype("half") is resolve_dtype("torch.float16") is torch.float16
     assert resolve_dtype(None, default="fp32") is torch.float32
     with pytest.raises(ConfigError, match="unsupported dtype"):
@@ -147,9 +143,7 @@ def test_quantizing_an_encoder_is_refused(tiny_dir: Any) -> None:
 def test_pickle_only_checkpoint_is_refused(tiny_dir: Any, tmp_path: Path) -> None:
     target = shutil.copytree(tiny_dir("bert"), tmp_path / "pickled")
     (target / "model.safetensors").rename(target / "pytorch_model.bin")
-    with pytest.raises(
-        UnsafeCheckpointError, match=r"only pickle weights \(pytorch_model.bin\).*allow_pickle"
-    ):
+    with pytest.raises(UnsafeCheckpointError, match=r"only pickle weights \(pytorch_model.bin\).*allow_pickle"):
         load_model(target, device="cpu")
 
 

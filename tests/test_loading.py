@@ -88,9 +88,7 @@ def test_minilm_l6_matches_sentence_transformers(minilm_path: Path) -> None:
     torch.testing.assert_close(mine, reference, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "bits, layer_class, min_cosine", [(8, "Linear8bitLt", 0.999), (4, "Linear4bit", 0.9)]
-)
+@pytest.mark.parametrize("bits, layer_class, min_cosine", [(8, "Linear8bitLt", 0.999), (4, "Linear4bit", 0.9)])
 def test_bitsandbytes_quantized_llama_runs_close_to_fp32(
     tiny_dir: Any, bits: int, layer_class: str, min_cosine: float
 ) -> None:
@@ -135,9 +133,7 @@ def test_pickle_weights_load_when_allowed(tiny_dir: Any, tmp_path: Path) -> None
 
 
 def test_cli_lists_models() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "models"], capture_output=True, text=True, check=True
-    )
+    done = subprocess.run([sys.executable, "-m", "pipeline", "models"], capture_output=True, text=True, check=True)
     for key, spec in REGISTRY.items():
         assert key in done.stdout and spec.hf_id in done.stdout
 

@@ -81,9 +81,7 @@ class RunnerConformance:
         else:
             assert got.logits is None
 
-    def test_batching_does_not_change_any_example(
-        self, runner: BaseModelRunner, direct: tuple[Any, Any]
-    ) -> None:
+    def test_batching_does_not_change_any_example(self, runner: BaseModelRunner, direct: tuple[Any, Any]) -> None:
         texts = SENTENCES[:12]
         batch = runner.tokenize(texts)
         lengths = batch["attention_mask"].sum(1)
@@ -124,9 +122,7 @@ class TestBertRunner(RunnerConformance):
     stacks = ("encoder",)
 
     def embeddings(self, model: Any, batch: Any) -> torch.Tensor:
-        return model.base_model.embeddings(
-            input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"]
-        )
+        return model.base_model.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
 
     def test_masked_lm_head_is_loaded(self, runner: EncoderModelRunner) -> None:
         assert runner.has_lm_head

@@ -38,9 +38,7 @@ def test_model_spec_round_trips_through_dict(spec: ModelSpec) -> None:
 
 
 def test_model_spec_is_frozen_and_validated() -> None:
-    spec = ModelSpec(
-        name="x", hf_id="org/x", arch="encoder_only", dtype="bfloat16", tokenizer_kwargs={"a": 1}
-    )
+    spec = ModelSpec(name="x", hf_id="org/x", arch="encoder_only", dtype="bfloat16", tokenizer_kwargs={"a": 1})
     assert spec.dtype == "bf16"
     with pytest.raises(AttributeError):
         spec.name = "y"  # type: ignore[misc]
@@ -84,14 +82,10 @@ def test_schemas_imports_neither_torch_nor_the_other_layers() -> None:
     token_chunk=st.integers(1, 64),
     example_chunk=st.integers(1, 16),
 )
-def test_shard_plan_invariants(
-    lengths: list[int], shard_tokens: int, token_chunk: int, example_chunk: int
-) -> None:
+def test_shard_plan_invariants(lengths: list[int], shard_tokens: int, token_chunk: int, example_chunk: int) -> None:
     from schemas.store import Geometry, plan_geometry
 
-    g = plan_geometry(
-        lengths, shard_tokens=shard_tokens, token_chunk=token_chunk, example_chunk=example_chunk
-    )
+    g = plan_geometry(lengths, shard_tokens=shard_tokens, token_chunk=token_chunk, example_chunk=example_chunk)
     assert Geometry.from_dict(g.to_dict()) == g
     assert (g.n_examples, g.n_tokens) == (len(lengths), sum(lengths))
     ex = tok = phys = 0

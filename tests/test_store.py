@@ -45,9 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def expected_storage(values: np.ndarray, store_dtype: str) -> np.ndarray:
     """What a store of `store_dtype` should give back, computed by torch, not by us."""
-    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
-        store_dtype
-    ]
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[store_dtype]
     stored = torch.from_numpy(values).to(torch_dtype)
     return stored.numpy() if store_dtype != "bfloat16" else stored.float().numpy()
 
@@ -73,9 +71,7 @@ def test_round_trip_per_dtype(_cache_root: Path, store_dtype: str) -> None:
     for layer in range(N_STATES):
         got = acts.hidden(layer).compute()
         np.testing.assert_array_equal(got, expected_storage(data.hidden[layer], store_dtype))
-        np.testing.assert_array_equal(
-            acts.pooled(layer).compute(), expected_storage(data.pooled[layer], store_dtype)
-        )
+        np.testing.assert_array_equal(acts.pooled(layer).compute(), expected_storage(data.pooled[layer], store_dtype))
         np.testing.assert_array_equal(
             acts.pooled(layer, how="first").compute(), expected_storage(data.pooled[layer] * 2, store_dtype)
         )
@@ -120,9 +116,7 @@ def test_reader_is_lazy(_cache_root: Path) -> None:
     # Make one chunk of layer 2 undecodable: opening and building graphs must not touch it,
     # computing must (zarr would silently fill a merely missing chunk, so write garbage).
     spec = writer.manifest.array(hidden_name("encoder"))
-    key = next(
-        k for k in spec.shard_chunks(writer.geometry.shards[1], writer.geometry) if k.startswith("c/2/")
-    )
+    key = next(k for k in spec.shard_chunks(writer.geometry.shards[1], writer.geometry) if k.startswith("c/2/"))
     chunk = writer.path / spec.name / key
     chunk.write_bytes(b"not a blosc frame")
     acts = open_activations(writer.key)
@@ -176,14 +170,10 @@ def test_write_shard_rejects_data_of_the_wrong_shape(_cache_root: Path) -> None:
     with writer.claim(0) as shard:
         arrays = shard_arrays(data, shard)
         arrays[hidden_name("encoder")] = arrays[hidden_name("encoder")][:, :-1]
-        with pytest.raises(
-            LayoutMismatchError, match=r"'encoder/hidden': expected shape .*\(layer, token, hidden\)"
-        ):
+        with pytest.raises(LayoutMismatchError, match=r"'encoder/hidden': expected shape .*\(layer, token, hidden\)"):
             writer.write_shard(shard, arrays, data.lengths[shard.ex_start : shard.ex_stop])
         with pytest.raises(LayoutMismatchError, match="lengths summing"):
-            writer.write_shard(
-                shard, shard_arrays(data, shard), data.lengths[shard.ex_start : shard.ex_stop] + 1
-            )
+            writer.write_shard(shard, shard_arrays(data, shard), data.lengths[shard.ex_start : shard.ex_stop] + 1)
     assert writer.done_shards() == set()
 
 
@@ -202,13 +192,9 @@ def test_incomplete_store_is_an_error_unless_partial(_cache_root: Path) -> None:
     rows = np.concatenate([np.arange(shards[i].ex_start, shards[i].ex_stop) for i in (1, 3)])
     assert acts.n_examples == len(rows)
     assert acts.examples["id"].tolist() == [f"ex-{r}" for r in rows]
-    expected_tokens = np.concatenate(
-        [data.token_ids[shards[i].tok_start : shards[i].tok_stop] for i in (1, 3)]
-    )
+    expected_tokens = np.concatenate([data.token_ids[shards[i].tok_start : shards[i].tok_stop] for i in (1, 3)])
     np.testing.assert_array_equal(acts.token_ids.compute(), expected_tokens)
-    np.testing.assert_array_equal(
-        acts.offsets.compute(), np.concatenate([[0], np.cumsum(data.lengths[rows])])
-    )
+    np.testing.assert_array_equal(acts.offsets.compute(), np.concatenate([[0], np.cumsum(data.lengths[rows])]))
     for j, row in enumerate(rows[:6]):
         span = slice(data.offsets[row], data.offsets[row + 1])
         np.testing.assert_array_equal(acts.example(j).token_ids, data.token_ids[span])
@@ -274,9 +260,9 @@ def test_crash_leftovers_are_ignored_and_cleaned(_cache_root: Path) -> None:
     # A crashed writer of shard 2: garbage chunk data, zarr temp files, a temp marker, no marker.
     arrays = {k: (v * 0 + 7).astype(v.dtype) for k, v in shard_arrays(data, shard).items()}
     group_path = writer.path / hidden_name("encoder")
-    writer._zarr_group()[hidden_name("encoder")][:, shard.phys_start : shard.phys_start + shard.n_tokens] = (
-        arrays[hidden_name("encoder")]
-    )
+    writer._zarr_group()[hidden_name("encoder")][:, shard.phys_start : shard.phys_start + shard.n_tokens] = arrays[
+        hidden_name("encoder")
+    ]
     chunk_key = writer.manifest.array(hidden_name("encoder")).shard_chunks(shard, writer.geometry)[0]
     leftover = group_path / f"{chunk_key}.deadbeef.partial"
     leftover.write_bytes(b"half a chunk")
@@ -296,9 +282,7 @@ def test_crash_leftovers_are_ignored_and_cleaned(_cache_root: Path) -> None:
 
 def _chunk_file(writer: StoreWriter, shard_index: int) -> Path:
     spec = writer.manifest.array(hidden_name("encoder"))
-    return (
-        writer.path / spec.name / spec.shard_chunks(writer.geometry.shards[shard_index], writer.geometry)[-1]
-    )
+    return writer.path / spec.name / spec.shard_chunks(writer.geometry.shards[shard_index], writer.geometry)[-1]
 
 
 def test_verify_catches_a_flipped_byte_and_a_truncated_chunk(_cache_root: Path) -> None:

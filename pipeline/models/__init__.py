@@ -67,9 +67,7 @@ def load_model(
     seq2seq) go to the runner.
     """
     spec = resolve_spec(model)
-    return RUNNERS[spec.arch](
-        spec, device=device, dtype=dtype, revision=revision, quantization=quantization, **options
-    )
+    return RUNNERS[spec.arch](spec, device=device, dtype=dtype, revision=revision, quantization=quantization, **options)
 
 
 def resolve_spec(model: str | Path | ModelSpec) -> ModelSpec:

@@ -67,9 +67,7 @@ def load_tokenizer(path: Path, spec: ModelSpec, *, trust_remote_code: bool = Fal
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(path), trust_remote_code=trust_remote_code, local_files_only=True
-        )
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         raise CheckpointError(
             f"could not load a tokenizer from {str(path)!r}: {exc}. Fix: save the tokenizer next to "
@@ -126,9 +124,7 @@ class BaseModelRunner(ABC):
         tokenizer: Any = None,
     ) -> None:
         if spec.arch != self.arch:
-            raise ConfigError(
-                f"{type(self).__name__} runs {self.arch!r} models, not {spec.arch!r} ({spec.name!r})"
-            )
+            raise ConfigError(f"{type(self).__name__} runs {self.arch!r} models, not {spec.arch!r} ({spec.name!r})")
         self.spec = spec
         self.device = coerce_device(device)
         self.dtype = resolve_dtype(dtype, default=spec.dtype)
@@ -186,9 +182,7 @@ class BaseModelRunner(ABC):
         return loaded
 
     def _max_length(self) -> int:
-        return max_length_for(
-            self.spec, self.tokenizer, getattr(self.model.config, "max_position_embeddings", None)
-        )
+        return max_length_for(self.spec, self.tokenizer, getattr(self.model.config, "max_position_embeddings", None))
 
     # -- running ---------------------------------------------------------------------------
 
@@ -215,9 +209,7 @@ class BaseModelRunner(ABC):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> ModelOutputs:
         """Run the model on a `tokenize` batch with every hidden state returned."""
         if "input_ids" not in batch:
-            raise ConfigError(
-                "forward() needs a batch with 'input_ids'; build it with runner.tokenize(texts)"
-            )
+            raise ConfigError("forward() needs a batch with 'input_ids'; build it with runner.tokenize(texts)")
         inputs = self._model_inputs(batch)
         with torch.inference_mode():
             out = self.model(

@@ -1,0 +1,301 @@
+"""End to end: `extract` on tiny models of every family and on the real MiniLM, checked against
+a direct Hugging Face forward of each example alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from cache import open_activations, verify
+from pipeline.extract import ExtractConfig, extract
+from schemas import ConfigError
+from tests.texts import SENTENCES
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILY_CLASSES = {
+    "bert": ("AutoModelForMaskedLM", ("encoder",)),
+    "bert_plain": ("AutoModel", ("encoder",)),
+    "xlmr": ("AutoModelForMaskedLM", ("encoder",)),
+    "llama": ("AutoModelForCausalLM", ("decoder",)),
+    "mt5": ("AutoModelForSeq2SeqLM", ("encoder", "decoder")),
+}
+
+
+@pytest.fixture(scope="session")
+def texts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "texts.jsonl"
+    rows = [{"id": i, "text": t, "language": "xx"} for i, t in enumerate(SENTENCES * 2)]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("shared-cache")
+
+
+def run(model: str | Path, data: str | Path, cache: Path, **options: Any) -> Any:
+    cfg = ExtractConfig(model=str(model), data=str(data), cache_dir=str(cache), quiet=True, **options)
+    return extract(cfg, out=open(os.devnull, "w"))
+
+
+def direct_forward(path: Path, family: str, text: str) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor | None]:
+    auto, _ = FAMILY_CLASSES[family]
+    model = getattr(transformers, auto).from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    ids = tokenizer([text], return_tensors="pt")["input_ids"]
+    kwargs: dict[str, Any] = {}
+    if family == "mt5":
+        start = torch.full((1, 1), model.config.decoder_start_token_id)
+        kwargs["decoder_input_ids"] = torch.cat([start, ids[:, :-1]], dim=1)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True, **kwargs)
+    if family == "mt5":
+        stacks = {"encoder": out.encoder_hidden_states, "decoder": out.decoder_hidden_states}
+    else:
+        stacks = {FAMILY_CLASSES[family][1][0]: out.hidden_states}
+    return ids[0], stacks, getattr(out, "logits", None)
+
+
+@pytest.mark.parametrize("family", list(FAMILY_CLASSES))
+def test_stored_values_equal_a_direct_forward_of_each_example(
+    family: str, tiny_dir: Any, texts_file: Path, shared_cache: Path
+) -> None:
+    path = tiny_dir(family)
+    result = run(path, texts_file, shared_cache, store_dtype="float32", shard_tokens=60, batch_size=5, logits="topk:4")
+    acts = open_activations(result.key, cache_dir=shared_cache)
+    assert result.manifest.complete and len(result.manifest.geometry.shards) > 2
+    n_states = len(direct_forward(path, family, "x")[1][FAMILY_CLASSES[family][1][0]])
+    assert acts.layers == tuple(range(n_states))
+    texts = SENTENCES * 2
+    assert acts.n_examples == len(texts)
+    topk = {k: v.compute() for k, v in acts.logits_topk().items()} if family != "bert_plain" else None
+    offsets = acts.offsets.compute()
+    for i in range(0, len(texts), 3):
+        ids, stacks, logits = direct_forward(path, family, texts[i])
+        ex = acts.example(i)
+        np.testing.assert_array_equal(ex.token_ids, ids.numpy())
+        for stack, states in stacks.items():
+            expected = torch.stack(states)[:, 0].numpy()  # (layers, tokens, hidden)
+            np.testing.assert_allclose(ex.hidden[stack], expected, atol=1e-5, rtol=1e-5)
+            mean = acts.pooled(-1, how="mean", stack=stack)[i].compute()
+            np.testing.assert_allclose(mean, expected[-1].mean(0), atol=1e-5, rtol=1e-5)
+            edge = "first" if stack == "encoder" else "last"
+            edge_value = acts.pooled(2, how=edge, stack=stack)[i].compute()
+            np.testing.assert_allclose(edge_value, expected[2][0 if edge == "first" else -1], atol=1e-5, rtol=1e-5)
+        if topk is None:
+            assert logits is None or family == "bert_plain"
+            continue
+        span = slice(offsets[i], offsets[i + 1])
+        direct_top = torch.topk(logits[0], k=4, dim=-1)
+        np.testing.assert_allclose(topk["values"][span], direct_top.values.numpy(), atol=1e-5, rtol=1e-5)
+        np.testing.assert_array_equal(topk["ids"][span], direct_top.indices.numpy())
+        logp = torch.log_softmax(logits[0], -1)
+        if family == "llama":  # position t scores the next token; the last has none
+            expected_lp = logp[torch.arange(len(ids) - 1), ids[1:]].numpy()
+            np.testing.assert_allclose(topk["target_logprob"][span][:-1], expected_lp, atol=1e-5)
+            assert np.isnan(topk["target_logprob"][span][-1])
+        else:
+            np.testing.assert_allclose(
+                topk["target_logprob"][span], logp[torch.arange(len(ids)), ids].numpy(), atol=1e-5
+            )
+        entropy = -(logp.exp() * logp).sum(-1).numpy()
+        np.testing.assert_allclose(topk["entropy"][span], entropy, atol=1e-4)
+
+
+def test_float16_storage_is_within_float16_rounding(tiny_dir: Any, texts_file: Path, shared_cache: Path) -> None:
+    path = tiny_dir("xlmr")
+    result = run(path, texts_file, shared_cache, store_dtype="float16", layers="0,-1", logits="none")
+    acts = open_activations(result.key, cache_dir=shared_cache)
+    assert acts.layers == (0, 2)
+    for i in (0, 5, 9):
+        _, stacks, _ = direct_forward(path, "xlmr", (SENTENCES * 2)[i])
+        expected = torch.stack(stacks["encoder"])[[0, 2], 0]
+        got = acts.example(i).hidden["encoder"]
+        assert got.dtype == np.float16
+        np.testing.assert_array_equal(got, expected.to(torch.float16).numpy())
+
+
+def test_real_minilm_pooled_equals_sentence_transformers(minilm_path: Path, tmp_path: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    result = run("minilm-l6", "sample", tmp_path / "c", store_dtype="float32", limit=12)
+    acts = open_activations(model="minilm-l6", data="sample", cache_dir=tmp_path / "c")
+    assert acts.key == result.key and acts.n_examples == 15 * 12 * 2
+    texts = [
+        row[field]
+        for row in map(json.loads, (REPO / "pipeline/data/xnli_sample.jsonl").read_text(encoding="utf-8").splitlines())
+        if row["pair"] < 12
+        for field in ("premise", "hypothesis")
+    ]
+    assert acts.examples["language"].nunique() == 15
+    reference = SentenceTransformer(str(minilm_path), device="cpu").encode(texts, normalize_embeddings=True)
+    pooled = acts.pooled(-1).compute()
+    mine = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    np.testing.assert_allclose(mine, reference, atol=1e-5)
+
+
+def test_rerun_is_a_cache_hit_without_loading_the_model(
+    tiny_dir: Any, texts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = run(tiny_dir("bert"), texts_file, tmp_path / "c")
+    assert not first.cache_hit
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a cache hit must not load the model")
+
+    monkeypatch.setattr("pipeline.models.load_model", refuse)
+    second = run(tiny_dir("bert"), texts_file, tmp_path / "c", batch_size=7, shard_tokens=99)
+    assert second.cache_hit and second.key == first.key and second.path == first.path
+    changed = tiny_dir("bert")  # same model, other data: another key, so a real run
+    with pytest.raises(AssertionError, match="must not load"):
+        run(changed, texts_file, tmp_path / "c", limit=3)
+
+
+def _store_arrays(path: Path) -> dict[str, np.ndarray]:
+    acts = open_activations(str(path))
+    arrays = {name: np.asarray(acts._logical(name).compute()) for name in (a.name for a in acts.manifest.arrays)}
+    arrays["offsets"] = acts.offsets.compute()
+    return arrays
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_dir: Any, texts_file: Path, tmp_path: Path) -> None:
+    args = [
+        sys.executable, "-m", "pipeline", "extract", "--model", str(tiny_dir("llama")), "--data", str(texts_file),
+        "--shard-tokens", "24", "--batch-size", "2", "--quiet",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed_cache, clean_cache = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen([*args, "--cache-dir", str(killed_cache)], cwd=REPO, env=env, stderr=subprocess.PIPE)
+    markers: list[Path] = []
+    deadline = time.monotonic() + 120
+    while len(markers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        markers = list(killed_cache.glob("stores/*.zarr/shards/*.json"))
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = next(killed_cache.glob("stores/*.zarr"))
+    done_before = len(list(store.glob("shards/*.json")))
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert not manifest["complete"] and 0 < done_before < len(manifest["geometry"]["shards"])
+    resumed = subprocess.run(
+        [*args, "--cache-dir", str(killed_cache)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip().splitlines()[-1] == str(store)
+    subprocess.run([*args, "--cache-dir", str(clean_cache)], cwd=REPO, env=env, check=True, capture_output=True)
+    clean_store = next(clean_cache.glob("stores/*.zarr"))
+    assert clean_store.name == store.name, "same request, same key"
+    assert verify(str(store)).ok
+    a, b = _store_arrays(store), _store_arrays(clean_store)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_cli_extract_prints_the_path_last_and_store_commands_work(
+    tiny_dir: Any, texts_file: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cache = ["--cache-dir", str(tmp_path / "c")]
+
+    def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=check,
+        )
+
+    done = cli("extract", "--model", str(tiny_dir("bert")), "--data", str(texts_file), "--limit", "5", *cache)
+    lines = done.stdout.strip().splitlines()
+    store = Path(lines[-1])
+    assert store.is_dir() and any(line.startswith("complete: 5 examples") for line in lines)
+    listing = cli("ls", *cache).stdout
+    assert store.name.removesuffix(".zarr") in listing and "complete" in listing
+    shown = cli("show", str(store), *cache).stdout
+    assert '"complete": true' in shown and "size on disk" in shown
+    assert cli("verify", str(store), *cache).returncode == 0
+    chunk = next(p for p in (store / "encoder" / "hidden" / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(chunk.read_bytes()[:-3])
+    bad = cli("verify", str(store), *cache, check=False)
+    assert bad.returncode == 1 and "corrupt shard 0" in bad.stdout and "reset to pending" in bad.stdout
+    redo = cli("extract", "--model", str(tiny_dir("bert")), "--data", str(texts_file), "--limit", "5", *cache)
+    assert Path(redo.stdout.strip().splitlines()[-1]) == store and cli("verify", str(store), *cache).returncode == 0
+    help_text = cli("extract", "--help").stdout
+    for option in (
+        "--layers",
+        "--logits",
+        "--store-dtype",
+        "--shard-tokens",
+        "--cache-dir",
+        "--force",
+        "examples:",
+    ):
+        assert option in help_text
+
+
+def test_bad_inputs_fail_clearly_before_any_work(tiny_dir: Any, texts_file: Path, tmp_path: Path) -> None:
+    from pipeline.datasets import DatasetNotAvailableError
+
+    model = tiny_dir("bert")
+    cache = tmp_path / "c"
+    with pytest.raises(ConfigError, match=r"no column 'sentence'; its columns are \['id', 'text', 'language'\]"):
+        run(model, texts_file, cache, text_columns=("sentence",))
+    with pytest.raises(ConfigError, match=r"no split 'validation'; it has \['train'\]"):
+        run(model, texts_file, cache, split="validation")
+    with pytest.raises(ConfigError, match="layer 9 is out of range"):
+        run(model, texts_file, cache, layers="0,9")
+    with pytest.raises(ConfigError, match="'topk:K' with K >= 1"):
+        run(model, texts_file, cache, logits="topk:0")
+    with pytest.raises(ConfigError, match="above the 1e-06 GB limit.*--logits topk:K"):
+        run(model, texts_file, cache, logits="full", max_full_logits_gb=1e-6)
+    with pytest.raises(DatasetNotAvailableError, match="unknown dataset 'nosuch'.*sample"):
+        run(model, "nosuch", cache)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"could not read .*broken.jsonl'?: line 2 is not valid JSON"):
+        run(model, broken, cache)
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("text\nok\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="line 3 is not valid UTF-8"):
+        run(model, latin1, cache)
+    assert not list(cache.glob("stores/*.zarr")), "nothing written for bad input"
+
+
+def test_xnli_offline_without_cache_names_dataset_and_fix(
+    tiny_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.datasets import DatasetNotAvailableError
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(DatasetNotAvailableError) as err:
+        run(tiny_dir("bert"), "xnli", tmp_path / "c", limit=2)
+    message = str(err.value)
+    assert "'facebook/xnli'" in message and str(tmp_path / "hf") in message and "--data path.jsonl" in message
+
+
+def test_empty_and_long_texts_are_stored_and_counted(tiny_dir: Any, tmp_path: Path) -> None:
+    data = tmp_path / "odd.csv"
+    data.write_text("text,label\n,0\n   ,1\n" + '"' + "bank " * 200 + '",2\nshort,3\n', encoding="utf-8")
+    result = run(tiny_dir("xlmr"), data, tmp_path / "c", logits="none")
+    assert result.summary["truncated"] == 1 and result.summary["empty"] == 2
+    acts = open_activations(result.key, cache_dir=tmp_path / "c")
+    lengths = np.diff(acts.offsets.compute())
+    assert lengths.tolist()[:2] == [2, 2] and lengths[2] == 64  # <s></s> and the model's maximum
+    assert acts.examples["label"].tolist() == [0, 1, 2, 3]
