@@ -271,8 +271,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `actcache` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    from pipeline.run import Interrupted
+
     try:
         return int(args.func(args))
+    except Interrupted as exc:
+        print(f"actcache: {exc}", file=sys.stderr)
+        return 130
     except ActcacheError as exc:
         print(f"actcache: error: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ class RunStats:
     shards_written: int = 0
     shards_skipped: list[int] = field(default_factory=list)  # claimed by another process
     tokens: int = 0
+    examples: int = 0
     computed_positions: int = 0  # padded batch positions the model ran over
     seconds: float = 0.0
 
@@ -179,6 +180,8 @@ def _compute_shard(
         n_tokens = int(sum(result.lengths))
         stats.tokens += n_tokens
         stats.computed_positions += int(batch["input_ids"].numel())
+        stats.examples += len(members)
+        progress.set_postfix_str(f"{stats.examples} examples", refresh=False)
         progress.update(n_tokens)
         if flag.stop:
             return None, {}

@@ -206,6 +206,34 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_dir: Any, texts_fil
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_ctrl_c_stops_after_the_batch_in_hand_and_the_rerun_finishes(
+    tiny_dir: Any, texts_file: Path, tmp_path: Path
+) -> None:
+    args = [
+        sys.executable, "-m", "pipeline", "extract", "--model", str(tiny_dir("mt5")), "--data", str(texts_file),
+        "--shard-tokens", "24", "--batch-size", "1", "--quiet", "--cache-dir", str(tmp_path / "c"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("c/stores/*.zarr/shards/*.json")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=120)
+    store = next(tmp_path.glob("c/stores/*.zarr"))
+    n_shards = len(json.loads((store / "manifest.json").read_text())["geometry"]["shards"])
+    committed = len(list(store.glob("shards/*.json")))
+    if proc.returncode == 0:  # the run beat the signal: nothing to resume, still a valid outcome
+        assert committed == n_shards
+    else:
+        assert proc.returncode == 130 and "rerun the same command to continue" in err
+        assert 0 < committed < n_shards
+        assert not list(store.glob("shards/*.claim")), "claims are released on a clean stop"
+        assert verify(str(store)).missing, "the shard in progress was dropped, not half-committed"
+    subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True)
+    assert verify(str(store)).ok and json.loads((store / "manifest.json").read_text())["complete"]
+
+
 def test_cli_extract_prints_the_path_last_and_store_commands_work(
     tiny_dir: Any, texts_file: Path, tmp_path: Path
 ) -> None:
@@ -299,3 +327,28 @@ def test_empty_and_long_texts_are_stored_and_counted(tiny_dir: Any, tmp_path: Pa
     lengths = np.diff(acts.offsets.compute())
     assert lengths.tolist()[:2] == [2, 2] and lengths[2] == 64  # <s></s> and the model's maximum
     assert acts.examples["label"].tolist() == [0, 1, 2, 3]
+
+
+def test_same_rows_in_any_file_format_or_place_are_the_same_dataset(tiny_dir: Any, tmp_path: Path) -> None:
+    import pandas as pd
+
+    rows = pd.DataFrame({"text": SENTENCES[:6], "label": list(range(6))})
+    files = {
+        "jsonl": tmp_path / "a" / "rows.jsonl",
+        "json": tmp_path / "b" / "rows.json",
+        "csv": tmp_path / "c" / "rows.csv",
+        "parquet": tmp_path / "d" / "rows.parquet",
+    }
+    for path in files.values():
+        path.parent.mkdir()
+    rows.to_json(files["jsonl"], orient="records", lines=True, force_ascii=False)
+    rows.to_json(files["json"], orient="records", force_ascii=False)
+    rows.to_csv(files["csv"], index=False)
+    rows.to_parquet(files["parquet"])
+    results = {fmt: run(tiny_dir("bert"), path, tmp_path / "cache", logits="none") for fmt, path in files.items()}
+    assert len({r.key for r in results.values()}) == 1, "a dataset is identified by its rows, not its file"
+    assert [r.cache_hit for r in results.values()] == [False, True, True, True]
+    acts = open_activations(results["csv"].key, cache_dir=tmp_path / "cache")
+    assert acts.examples["label"].tolist() == list(range(6))
+    rows.iloc[::-1].to_csv(files["csv"], index=False)
+    assert run(tiny_dir("bert"), files["csv"], tmp_path / "cache", logits="none").key != results["csv"].key
