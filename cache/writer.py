@@ -204,16 +204,28 @@ class StoreWriter:
             claim_file.unlink(missing_ok=True)
             os.close(fd)
 
+    def try_claim(self, shard: ShardRange) -> contextlib.ExitStack | None:
+        """Claim `shard` if it is still pending and no live process holds it; close the stack to release.
+
+        The returned stack may be closed from another thread (a background writer does).
+        """
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(self.claim(shard.index))
+        except ShardClaimedError:
+            return None
+        if marker_path(self.path, shard.index).is_file():  # committed by another process meanwhile
+            stack.close()
+            return None
+        return stack
+
     def claims(self) -> Iterator[ShardRange]:
         """Claim pending shards one at a time, skipping those other processes hold or finish."""
         for shard in self.pending_shards():
-            try:
-                with self.claim(shard.index) as claimed:
-                    if marker_path(self.path, shard.index).is_file():
-                        continue  # another process committed it after we listed it
-                    yield claimed
-            except ShardClaimedError:
-                continue
+            held = self.try_claim(shard)
+            if held is not None:
+                with held:
+                    yield shard
 
     def _clean_leftovers(self, shard: ShardRange) -> None:
         """Remove temp files a crashed writer of this shard left (zarr's and ours)."""

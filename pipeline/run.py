@@ -24,7 +24,7 @@ import torch
 from cache import StoreWriter
 from pipeline.reduce import BatchResult, Reducer
 from pipeline.tokenize import Tokenized
-from schemas import ActcacheError, ShardClaimedError
+from schemas import ActcacheError
 from schemas.store import ArraySpec, ShardRange
 
 __all__ = ["Interrupted", "RunStats", "run_shards"]
@@ -119,10 +119,8 @@ def run_shards(
     try:
         with flag.installed():
             for shard in writer.pending_shards():
-                claim = contextlib.ExitStack()
-                try:
-                    claim.enter_context(writer.claim(shard.index))
-                except ShardClaimedError:
+                claim = writer.try_claim(shard)
+                if claim is None:
                     stats.shards_skipped.append(shard.index)
                     continue
                 try:
@@ -185,7 +183,7 @@ def _compute_shard(
         progress.update(n_tokens)
         if flag.stop:
             return None, {}
-    return buffers, {"nonfinite": nonfinite, "computed_positions": stats.computed_positions}
+    return buffers, {"nonfinite": nonfinite}
 
 
 def _logical(spec: ArraySpec, shard: ShardRange) -> int:
