@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ __all__ = [
     "XNLI_LANGUAGES",
     "DatasetNotAvailableError",
     "Examples",
+    "datasets_cache_dir",
     "load_examples",
     "resolve_dataset",
 ]
@@ -128,7 +130,7 @@ def resolve_dataset(
 
 def load_examples(spec: DatasetSpec) -> Examples:
     """Load `spec`'s rows (offline from the local cache when HF_DATASETS_OFFLINE is set) as examples."""
-    tables = _load_tables(spec)
+    tables, revision = _load_tables(spec)
     texts: list[Any] = []
     metadata: dict[str, list[Any]] = {}
     digest = hashlib.sha256()
@@ -160,7 +162,7 @@ def load_examples(spec: DatasetSpec) -> Examples:
                 texts.append(text)
                 digest.update(json.dumps([text, record], sort_keys=True, default=str, ensure_ascii=False).encode())
                 digest.update(b"\n")
-    return Examples(spec, texts, metadata, digest.hexdigest(), _revision(spec))
+    return Examples(spec, texts, metadata, digest.hexdigest(), revision)
 
 
 def _limited(rows: list[dict[str, Any]], limit: int | None, per_language: bool) -> list[dict[str, Any]]:
@@ -183,7 +185,8 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _load_tables(spec: DatasetSpec) -> list[tuple[str | None, Any]]:
+def _load_tables(spec: DatasetSpec) -> tuple[list[tuple[str | None, Any]], str | None]:
+    """The tables of `spec` (one per config, with its name) and the Hub commit they were prepared from."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -193,11 +196,15 @@ def _load_tables(spec: DatasetSpec) -> list[tuple[str | None, Any]]:
             # A file is one split: 'train' as `datasets` names it, 'test' for the shipped sample.
             name = "test" if spec.source == "package" else "train"
             loaded = datasets.load_dataset(builder, data_files={name: spec.path})
-            return [(None, _split(loaded, spec).data.table)]
+            return [(None, _split(loaded, spec).data.table)], None
         configs: list[str | None] = list(spec.configs) if spec.configs else [None]
+        cache = str(datasets_cache_dir())  # read now: `datasets` fixes its default at import time
+        splits = [_split(datasets.load_dataset(spec.path, c, cache_dir=cache), spec) for c in configs]
+        revisions = {_prepared_revision(split) for split in splits}
+        revision = revisions.pop() if len(revisions) == 1 else None
         return [
-            (c if spec.configs else None, _split(datasets.load_dataset(spec.path, c), spec).data.table) for c in configs
-        ]
+            (c if spec.configs else None, split.data.table) for c, split in zip(configs, splits, strict=True)
+        ], revision
     except (ConfigError, DatasetNotAvailableError):
         raise
     except datasets.exceptions.DatasetGenerationError as exc:
@@ -227,11 +234,7 @@ def _split(loaded: Any, spec: DatasetSpec) -> Any:
 
 
 def _not_available(spec: DatasetSpec, exc: BaseException) -> DatasetNotAvailableError:
-    import os
-
-    cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(
-        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "datasets"
-    )
+    cache = str(datasets_cache_dir())
     configs = f" (configs {', '.join(spec.configs)})" if spec.configs else ""
     return DatasetNotAvailableError(
         f"dataset {spec.path!r}{configs} is not in the local Hugging Face datasets cache {cache!r} and "
@@ -239,6 +242,16 @@ def _not_available(spec: DatasetSpec, exc: BaseException) -> DatasetNotAvailable
         "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) to cache it, point HF_HOME at a cache that holds it, "
         "or pass a local file (--data path.jsonl)."
     )
+
+
+def datasets_cache_dir() -> Path:
+    """The datasets cache in force now: $HF_DATASETS_CACHE, else $HF_HOME/datasets."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"
+    )
+    return Path(home).expanduser() / "datasets"
 
 
 def _locate_problem(path: Path) -> str | None:
@@ -269,13 +282,7 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _revision(spec: DatasetSpec) -> str | None:
-    """The Hub commit of a cached Hub dataset, when the hub cache knows it."""
-    if spec.source != "hub":
-        return None
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(spec.path, repo_type="dataset", local_files_only=True)).name
-    except Exception:  # not in the hub cache: the content hash still identifies the rows
-        return None
+def _prepared_revision(split: Any) -> str | None:
+    """The Hub commit a prepared split came from: datasets caches it under .../<version>/<commit>/."""
+    files = split.cache_files
+    return Path(files[0]["filename"]).parent.name if files else None
