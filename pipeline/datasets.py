@@ -190,6 +190,18 @@ def _load_tables(spec: DatasetSpec) -> tuple[list[tuple[str | None, Any]], str |
     import datasets
 
     datasets.disable_progress_bars()
+    # Offline, datasets warns twice per config that it uses its cache: that is the point here.
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()
+    try:
+        return _read_tables(spec)
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
+def _read_tables(spec: DatasetSpec) -> tuple[list[tuple[str | None, Any]], str | None]:
+    import datasets
+
     try:
         if spec.source in ("files", "package"):
             builder = FILE_BUILDERS[Path(spec.path).suffix.lower()]

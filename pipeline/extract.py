@@ -128,7 +128,8 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
         hidden=resolved.hidden_size,
         store_dtype=outputs.store_dtype,
     )
-    say(check_full_logits(outputs, geometry.n_tokens, resolved.vocab_size, cfg.max_full_logits_gb))
+    if estimate := check_full_logits(outputs, geometry.n_tokens, resolved.vocab_size, cfg.max_full_logits_gb):
+        say(estimate)
 
     from pipeline.models import load_model
 

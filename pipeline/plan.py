@@ -27,9 +27,9 @@ def plan(lengths: Sequence[int] | np.ndarray, *, shard_tokens: int, hidden: int,
 
 
 def check_full_logits(outputs: OutputSpec, n_tokens: int, vocab: int, limit_gb: float) -> str:
-    """Size of full logits, said before anything runs; above `limit_gb` it is refused."""
+    """Size of full logits, said before anything runs ('' for other modes); above `limit_gb` it is refused."""
     if outputs.logits != "full":
-        return f"logits: {outputs.logits}"
+        return ""
     itemsize = 4 if outputs.store_dtype == "float32" else 2
     size_gb = n_tokens * vocab * itemsize / 1e9
     if size_gb > limit_gb:

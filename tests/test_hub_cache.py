@@ -54,10 +54,8 @@ def run(model: str, data: str, cache: Path, **options: Any) -> ExtractResult:
 
 def test_make_extract_labse_xnli_runs_offline_end_to_end(home: Path, tmp_path: Path) -> None:
     env = {**os.environ, "HF_HOME": str(home), "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "extract", "--model", "labse", "--data", "xnli", "--cache-dir", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+    args = ["extract", "--model", "labse", "--data", "xnli", "--cache-dir", str(tmp_path)]
+    done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     store = Path(done.stdout.strip().splitlines()[-1])
     manifest = json.loads((store / "manifest.json").read_text())
