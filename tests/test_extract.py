@@ -106,11 +106,11 @@ def test_stored_values_equal_a_direct_forward_of_each_example(
         logp = torch.log_softmax(logits[0], -1)
         if family == "llama":  # position t scores the next token; the last has none
             expected_lp = logp[torch.arange(len(ids) - 1), ids[1:]].numpy()
-            np.testing.assert_allclose(topk["target_logprob"][span][:-1], expected_lp, atol=1e-5)
+            np.testing.assert_allclose(topk["target_logprob"][span][:-1], expected_lp, atol=1e-5, rtol=1e-5)
             assert np.isnan(topk["target_logprob"][span][-1])
         else:
             np.testing.assert_allclose(
-                topk["target_logprob"][span], logp[torch.arange(len(ids)), ids].numpy(), atol=1e-5
+                topk["target_logprob"][span], logp[torch.arange(len(ids)), ids].numpy(), atol=1e-5, rtol=1e-5
             )
         entropy = -(logp.exp() * logp).sum(-1).numpy()
         np.testing.assert_allclose(topk["entropy"][span], entropy, atol=1e-4)
