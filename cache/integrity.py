@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from cache.files import flocked, read_json, write_json
-from schemas import StoreCorruptError
-from schemas.store import MANIFEST_FILE, MARKER_SUFFIX, SHARDS_DIR, Manifest, ShardRange
+from schemas import StoreCorruptError, StoreNotFoundError
+from schemas.store import MANIFEST_ATTR, MANIFEST_FILE, MARKER_SUFFIX, SHARDS_DIR, Manifest, ShardRange
 
 __all__ = [
     "VerifyReport",
@@ -66,13 +66,19 @@ class VerifyReport:
     missing: list[int] = field(default_factory=list)
     corrupt: dict[int, list[str]] = field(default_factory=dict)
     reset: list[int] = field(default_factory=list)
+    manifest_error: str | None = None
+    manifest_rebuilt: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.corrupt
+        return not self.missing and not self.corrupt and self.manifest_error is None
 
     def summary(self) -> str:
         lines = [f"store {self.key}: {len(self.done)}/{self.n_shards} shards verified"]
+        if self.manifest_error:
+            lines.append(f"  manifest corrupt: {self.manifest_error}")
+            if self.manifest_rebuilt:
+                lines.append("  manifest rebuilt (incomplete) from the copy kept at creation")
         if self.missing:
             lines.append(f"  missing (never committed): shards {_ranges(self.missing)}")
         for index, problems in sorted(self.corrupt.items()):
@@ -134,18 +140,39 @@ def verify(ref: str | os.PathLike[str], root: Path | None = None, *, reset: bool
     """Recompute the checksums of store `ref` (key, alias or path) and report by shard.
 
     With `reset`, corrupt shards lose their markers (they become pending, so the next run
-    of the same extract redoes exactly them) and a complete store is marked incomplete.
+    of the same extract redoes exactly them) and a complete store is marked incomplete; a
+    corrupt or missing manifest is rebuilt, incomplete, from the copy kept at creation.
     """
     from cache.catalog import find_store, read_manifest
 
     path = find_store(ref, root)
-    manifest = read_manifest(path)
+    manifest_error = None
+    try:
+        manifest = read_manifest(path)
+    except (StoreCorruptError, StoreNotFoundError) as exc:
+        manifest_error = str(exc)
+        manifest = _creation_manifest(path)
     report = verify_store(path, manifest)
-    if reset and report.corrupt:
+    report.manifest_error = manifest_error
+    if reset and (report.corrupt or manifest_error):
         with flocked(path.with_name(path.name + ".lock")):
             for index in sorted(report.corrupt):
                 marker_path(path, index).unlink(missing_ok=True)
                 report.reset.append(index)
-            if manifest.complete:
+            if manifest.complete or manifest_error:
                 write_json(path / MANIFEST_FILE, manifest.with_(complete=False, completed_at=None).to_dict())
+                report.manifest_rebuilt = manifest_error is not None
     return report
+
+
+def _creation_manifest(path: Path) -> Manifest:
+    import zarr
+
+    try:
+        copy = zarr.open_group(path, mode="r").attrs[MANIFEST_ATTR]
+        return Manifest.from_dict(dict(copy))  # type: ignore[arg-type]
+    except Exception as exc:  # no group, no copy, a mangled copy: nothing left to rebuild from
+        raise StoreCorruptError(
+            f"the manifest of {str(path)!r} is unreadable and its creation copy is gone too ({exc}). "
+            "Fix: remove the store (actcache rm) and extract again."
+        ) from None

@@ -6,10 +6,10 @@ import os
 import re
 from pathlib import Path
 
-from schemas import ConfigError
+from schemas import CacheDirError, ConfigError
 from schemas.store import ALIASES_DIR, STORE_SUFFIX, STORES_DIR
 
-__all__ = ["alias_name", "alias_path", "cache_root", "store_path"]
+__all__ = ["alias_name", "alias_path", "cache_root", "ensure_writable", "store_path"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -47,3 +47,18 @@ def alias_name(model: str, data: str) -> str:
 
 def alias_path(root: Path, alias: str) -> Path:
     return root / ALIASES_DIR / f"{_slug(alias)}.json"
+
+
+def ensure_writable(root: Path) -> Path:
+    """Create `root` if need be and prove a file can be written there; `CacheDirError` says why not."""
+    probe = root / f".write-test-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CacheDirError(
+            f"cache dir {str(root)!r} is not writable ({exc.strerror or exc}). Fix: pass --cache-dir DIR "
+            "(or set ACTCACHE_DIR) to a directory you can write."
+        ) from None
+    return root

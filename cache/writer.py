@@ -33,6 +33,7 @@ from schemas.store import (
     CHUNK_KEY_ENCODING,
     CLAIM_SUFFIX,
     EXAMPLES_FILE,
+    MANIFEST_ATTR,
     MANIFEST_FILE,
     OFFSETS,
     SHARDS_DIR,
@@ -152,6 +153,8 @@ class StoreWriter:
                     chunk_key_encoding=dict(CHUNK_KEY_ENCODING),  # type: ignore[arg-type]
                     config={"write_empty_chunks": True},  # every owned chunk exists: deletions are detectable
                 )
+            # A second copy of what never changes after creation: verify rebuilds a lost manifest from it.
+            group.attrs[MANIFEST_ATTR] = manifest.to_dict()
             (tmp / SHARDS_DIR).mkdir()
             if examples is not None:
                 _write_examples(tmp / EXAMPLES_FILE, examples, geometry.n_examples)
@@ -295,6 +298,18 @@ class StoreWriter:
             pad = [(0, 0)] * len(spec.leading) + [(0, span - logical)] + [(0, 0)] * len(spec.trailing)
             data = np.pad(data, pad)  # the unused tail of the shard's last chunk: written, never read
         return data
+
+    def bytes_for(self, shards: Sequence[ShardRange]) -> int:
+        """Uncompressed bytes the arrays of `shards` take: an upper bound for the space they need."""
+        total = 0
+        for spec in self.manifest.arrays:
+            per_item = (
+                int(np.prod((*spec.leading, *spec.trailing), dtype=np.int64)) * np.dtype(spec.physical_dtype).itemsize
+            )
+            for shard in shards:
+                start, stop = shard.axis_range(spec.axis, self.geometry)
+                total += per_item * (stop - start)
+        return total
 
     def _zarr_group(self) -> Any:
         if self._group is None:

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from cache import StoreWriter, cache_root, store_bytes, store_path
 from cache.catalog import read_manifest
-from cache.paths import alias_name
+from cache.paths import alias_name, ensure_writable
 from pipeline.datasets import resolve_dataset
 from pipeline.plan import DEFAULT_MAX_FULL_LOGITS_GB, DEFAULT_SHARD_TOKENS, check_full_logits, plan
 from pipeline.reduce import POOLING_BY_STACK, Reducer
@@ -80,7 +80,7 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
     out = out or sys.stdout
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=out, flush=True))
     started = time.perf_counter()
-    root = cache_root(cfg.cache_dir)
+    root = ensure_writable(cache_root(cfg.cache_dir))
     dataset = resolve_dataset(
         cfg.data,
         split=cfg.split,
@@ -199,8 +199,6 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
             "n_empty": sum(1 for t in resolved.examples.texts if not (t if isinstance(t, str) else "".join(t)).strip()),
         }
     )
-    if stats.shards_skipped and not manifest.complete:
-        say(f"shards {stats.shards_skipped} are being written by another process; rerun to finish if it stops.")
     _warn_nonfinite(manifest, say)
     summary = _summary(manifest, writer.path, elapsed, stats.tokens)
     summary["padding_share"] = 1 - stats.tokens / stats.computed_positions if stats.computed_positions else 0.0

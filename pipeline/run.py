@@ -10,6 +10,7 @@ released, nothing committed) and the shards already handed to the writer are com
 from __future__ import annotations
 
 import contextlib
+import errno
 import queue
 import signal
 import threading
@@ -24,10 +25,13 @@ import torch
 from cache import StoreWriter
 from pipeline.reduce import BatchResult, Reducer
 from pipeline.tokenize import Tokenized
-from schemas import ActcacheError
+from schemas import ActcacheError, StoreFullError
 from schemas.store import ArraySpec, ShardRange
 
 __all__ = ["Interrupted", "RunStats", "run_shards"]
+
+_WAIT_SECONDS = 0.2
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 class Interrupted(ActcacheError):
@@ -37,7 +41,7 @@ class Interrupted(ActcacheError):
 @dataclass
 class RunStats:
     shards_written: int = 0
-    shards_skipped: list[int] = field(default_factory=list)  # claimed by another process
+    shards_waited: list[int] = field(default_factory=list)  # held by another process when we came to them
     tokens: int = 0
     examples: int = 0
     computed_positions: int = 0  # padded batch positions the model ran over
@@ -93,8 +97,18 @@ class _BackgroundWriter:
         self.queue.put(item)
 
     def check(self) -> None:
-        if self.error is not None:
-            raise self.error
+        if self.error is None:
+            return
+        if isinstance(self.error, OSError) and self.error.errno in _NO_SPACE:
+            pending = self.writer.pending_shards()
+            need = self.writer.bytes_for(pending)
+            raise StoreFullError(
+                f"out of space writing to {str(self.writer.path.parent.parent)!r} "
+                f"({self.error.strerror or self.error}): {len(pending)} shard(s) still to write need up to "
+                f"{need / 2**20:.0f} MiB more. Fix: free that much space there (or pass --cache-dir on a "
+                "larger disk) and rerun the same command; committed shards are kept."
+            ) from self.error
+        raise self.error
 
     def close(self) -> None:
         self.queue.put(None)
@@ -111,18 +125,19 @@ def run_shards(
     batch_size: int,
     progress: Any,
 ) -> RunStats:
-    """Compute and commit every pending shard this process can claim."""
+    """Compute and commit every pending shard, waiting for shards other live processes hold.
+
+    When two processes run the same request, each takes the shards the other has not
+    claimed and then waits for the other's commits, so both finish with a complete store;
+    a shard whose holder dies is taken over.
+    """
     stats = RunStats()
     started = time.perf_counter()
     flag = _StopFlag()
     background = _BackgroundWriter(writer)
     try:
         with flag.installed():
-            for shard in writer.pending_shards():
-                claim = writer.try_claim(shard)
-                if claim is None:
-                    stats.shards_skipped.append(shard.index)
-                    continue
+            for shard, claim in _claimable(writer, background, stats, progress):
                 try:
                     buffers, shard_stats = _compute_shard(
                         runner, tokenized, writer, reducer, shard, batch_size, progress, flag, stats
@@ -145,6 +160,25 @@ def run_shards(
             "command to continue from there."
         )
     return stats
+
+
+def _claimable(
+    writer: StoreWriter, background: _BackgroundWriter, stats: RunStats, progress: Any
+) -> Iterator[tuple[ShardRange, contextlib.ExitStack]]:
+    """Pending shards as this process claims them, until none is pending (others' commits included)."""
+    while pending := writer.pending_shards():
+        claimed_any = False
+        for shard in pending:
+            claim = writer.try_claim(shard)
+            if claim is not None:
+                claimed_any = True
+                yield shard, claim
+            elif shard.index not in stats.shards_waited:
+                stats.shards_waited.append(shard.index)
+        if not claimed_any:
+            background.check()
+            # The rest is held by other live processes (or our own writer thread): wait for commits.
+            time.sleep(_WAIT_SECONDS)
 
 
 def _compute_shard(

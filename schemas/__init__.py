@@ -2,6 +2,7 @@
 
 from schemas.errors import (
     ActcacheError,
+    CacheDirError,
     CacheError,
     CheckpointError,
     ConfigError,
@@ -13,6 +14,7 @@ from schemas.errors import (
     SchemaVersionError,
     ShardClaimedError,
     StoreCorruptError,
+    StoreFullError,
     StoreNotFoundError,
     UnknownModelError,
     UnsafeCheckpointError,
@@ -23,6 +25,7 @@ from schemas.request import ExtractionRequest, OutputSpec
 __all__ = [
     "ARCHS",
     "ActcacheError",
+    "CacheDirError",
     "CacheError",
     "CheckpointError",
     "ConfigError",
@@ -38,6 +41,7 @@ __all__ = [
     "SchemaVersionError",
     "ShardClaimedError",
     "StoreCorruptError",
+    "StoreFullError",
     "StoreNotFoundError",
     "UnknownModelError",
     "UnsafeCheckpointError",

@@ -16,7 +16,9 @@
         ├── ShardClaimedError                     another live process is writing that shard
         ├── StoreCorruptError                     manifest, marker or chunk fails its checksum
         ├── SchemaVersionError                    written by a schema version we cannot read
-        └── LayoutMismatchError (ValueError)      data that does not fit the store's layout
+        ├── LayoutMismatchError (ValueError)      data that does not fit the store's layout
+        ├── CacheDirError (OSError)               the cache dir cannot be created or written
+        └── StoreFullError (OSError)              the disk (or a file-size limit) ran out mid-write
 
 Every message names the offending value and says what to do about it.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "ActcacheError",
+    "CacheDirError",
     "CacheError",
     "CheckpointError",
     "ConfigError",
@@ -36,6 +39,7 @@ __all__ = [
     "SchemaVersionError",
     "ShardClaimedError",
     "StoreCorruptError",
+    "StoreFullError",
     "StoreNotFoundError",
     "UnknownModelError",
     "UnsafeCheckpointError",
@@ -103,3 +107,11 @@ class SchemaVersionError(CacheError):
 
 class LayoutMismatchError(CacheError, ValueError):
     """Data handed to the writer does not fit the store's layout."""
+
+
+class CacheDirError(CacheError, OSError):
+    """The cache root cannot be created or written."""
+
+
+class StoreFullError(CacheError, OSError):
+    """No space left (or a file-size limit hit) while writing; free space and rerun to resume."""

@@ -46,6 +46,7 @@ __all__ = [
     "LOGITS_TARGET_LOGPROB",
     "LOGITS_TOPK_IDS",
     "LOGITS_TOPK_VALUES",
+    "MANIFEST_ATTR",
     "MANIFEST_FILE",
     "MARKER_SUFFIX",
     "OFFSETS",
@@ -82,6 +83,7 @@ EXAMPLES_FILE = "examples.parquet"
 SHARDS_DIR = "shards"
 MARKER_SUFFIX = ".json"
 CLAIM_SUFFIX = ".claim"
+MANIFEST_ATTR = "actcache_manifest"  # the creation-time manifest, kept in the group's attributes
 
 OFFSETS = "offsets"
 TOKEN_IDS = "token_ids"
