@@ -13,7 +13,7 @@ MODEL ?= minilm-l6
 DATA ?= sample
 ARGS ?=
 
-.PHONY: install test unit integration check fmt extract clean
+.PHONY: install test unit integration check fmt extract chaos clean
 
 install: $(STAMP)
 
@@ -45,6 +45,9 @@ fmt: install
 
 extract: install
 	$(OFFLINE) $(VENV)/bin/actcache extract --model $(MODEL) --data $(DATA) $(ARGS)
+
+chaos: install
+	$(OFFLINE) $(PY) -m tests.chaos $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -6,14 +6,25 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from schemas import StoreCorruptError
 
-__all__ = ["PARTIAL_SUFFIX", "atomic_write_bytes", "flocked", "read_json", "try_flock", "write_json"]
+__all__ = [
+    "PARTIAL_SUFFIX",
+    "atomic_write_bytes",
+    "crash_point",
+    "flocked",
+    "json_ready",
+    "read_json",
+    "try_flock",
+    "write_json",
+]
 
 PARTIAL_SUFFIX = ".partial"  # the same suffix zarr's LocalStore gives its temp files
 
@@ -26,10 +37,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        crash_point("mid-commit")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def json_ready(value: Any) -> Any:
+    """`value` with numpy scalars and arrays turned into JSON numbers and lists."""
+    return json.loads(json.dumps(value, default=_plain))
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -87,3 +104,22 @@ def flocked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+_passes: Counter[str] = Counter()
+
+
+def crash_point(name: str) -> None:
+    """Fault injection: with ACTCACHE_CRASH_AT=NAME[:N], SIGKILL this process the N-th time it passes NAME.
+
+    The chaos tests use it to die exactly mid-write, between a shard's chunks and its
+    marker, or mid-finalize; unset (always, in real use) it does nothing.
+    """
+    wanted = os.environ.get("ACTCACHE_CRASH_AT")
+    if not wanted:
+        return
+    target, _, count = wanted.partition(":")
+    if target == name:
+        _passes[name] += 1
+        if _passes[name] >= int(count or 1):
+            os.kill(os.getpid(), signal.SIGKILL)

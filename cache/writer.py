@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from cache.catalog import add_alias
-from cache.files import PARTIAL_SUFFIX, flocked, read_json, try_flock, write_json
+from cache.files import PARTIAL_SUFFIX, crash_point, flocked, json_ready, read_json, try_flock, write_json
 from cache.integrity import marker_path, read_marker, shard_checksums
 from cache.keys import cache_key
 from cache.paths import store_path
@@ -154,7 +154,7 @@ class StoreWriter:
                     config={"write_empty_chunks": True},  # every owned chunk exists: deletions are detectable
                 )
             # A second copy of what never changes after creation: verify rebuilds a lost manifest from it.
-            group.attrs[MANIFEST_ATTR] = manifest.to_dict()
+            group.attrs[MANIFEST_ATTR] = json_ready(manifest.to_dict())
             (tmp / SHARDS_DIR).mkdir()
             if examples is not None:
                 _write_examples(tmp / EXAMPLES_FILE, examples, geometry.n_examples)
@@ -272,6 +272,8 @@ class StoreWriter:
             if stop > start:
                 index = (*(slice(None) for _ in spec.leading), slice(start, stop))
                 group[spec.name][index] = block
+            crash_point("mid-write")
+        crash_point("before-marker")
         marker = {
             "range": shard.to_dict(),
             "checksums": shard_checksums(self.path, self.manifest, shard),
@@ -280,6 +282,7 @@ class StoreWriter:
             "writer": f"pid {os.getpid()} on {socket.gethostname()}",
         }
         write_json(marker_path(self.path, shard.index), marker)
+        crash_point("after-marker")
 
     def _fit(self, spec: ArraySpec, shard: ShardRange, data: np.ndarray, span: int) -> np.ndarray:
         """Check a shard's block against the layout, cast it, pad token blocks to whole chunks."""
@@ -338,6 +341,7 @@ class StoreWriter:
                     raise StoreCorruptError(f"marker of shard {shard.index} vanished during finalize")
                 _add_counts(totals, marker.get("stats", {}))
             manifest = manifest.with_(complete=True, completed_at=utcnow(), stats={**totals, **dict(stats or {})})
+            crash_point("finalize")
             write_json(self.path / MANIFEST_FILE, manifest.to_dict())
             self.manifest = manifest
             return manifest

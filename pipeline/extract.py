@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from cache import StoreWriter, cache_root, store_bytes, store_path
 from cache.catalog import read_manifest
+from cache.files import crash_point
 from cache.paths import alias_name, ensure_writable
 from pipeline.datasets import resolve_dataset
 from pipeline.plan import DEFAULT_MAX_FULL_LOGITS_GB, DEFAULT_SHARD_TOKENS, check_full_logits, plan
@@ -120,6 +121,7 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
         cache_dir=root / "tokenized",
         tok_hash=resolved.tokenizer_hash,
     )
+    crash_point("after-tokenize")
     if len(tokenized.lengths) == 0:
         raise ConfigError(f"dataset {dataset.name!r} gave no examples (split {dataset.split!r}); nothing to extract")
     geometry = plan(

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from cache import StoreWriter
+from cache.files import crash_point
 from pipeline.reduce import BatchResult, Reducer
 from pipeline.tokenize import Tokenized
 from schemas import ActcacheError, StoreFullError
@@ -215,6 +216,7 @@ def _compute_shard(
         stats.examples += len(members)
         progress.set_postfix_str(f"{stats.examples} examples", refresh=False)
         progress.update(n_tokens)
+        crash_point("mid-batch")
         if flag.stop:
             return None, {}
     return buffers, {"nonfinite": nonfinite}
