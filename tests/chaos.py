@@ -101,7 +101,7 @@ def kill_once(point: str, model: Path, data: Path, cache: Path, delay: float | N
     if rerun.returncode != 0:
         raise RuntimeError(f"rerun after kill at {point} failed: {rerun.stderr}")
     store = Path(rerun.stdout.strip().splitlines()[-1])
-    _, done_after, total = _phase(cache)
+    _, _, total = _phase(cache)
     report = verify(str(store))
     return Outcome(point, phase, done_before, total - done_before, total, report.ok, -1)
 

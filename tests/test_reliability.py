@@ -116,9 +116,7 @@ def test_two_runs_of_one_request_at_once_both_finish(workdir: Any, tmp_path: Pat
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
     store = next(tmp_path.glob("stores/*.zarr"))
-    writers = {json.loads(m.read_text())["writer"] for m in store.glob("shards/*.json")}
     assert verify(str(store)).ok and chaos._lost(chaos._arrays(store), chaos._arrays(clean)) == 0
-    assert len(writers) >= 1
 
 
 def test_different_requests_share_a_cache_dir(workdir: Any, tmp_path: Path) -> None:
@@ -142,7 +140,7 @@ def test_different_requests_share_a_cache_dir(workdir: Any, tmp_path: Path) -> N
 
 
 def test_full_disk_is_a_clear_error_and_the_same_command_resumes(workdir: Any, tmp_path: Path) -> None:
-    model, data, clean = workdir
+    model, data, _ = workdir
     args = [*chaos._args(model, data, tmp_path), "--store-dtype", "float32", "--shard-tokens", "400"]
 
     def small_disk() -> None:  # files above 40 kB fail, as on a disk with 40 kB left
