@@ -202,3 +202,12 @@ def test_names_never_produce_paths_outside_the_cache_dir(tmp_path: Path, name: s
     for alias in (alias_name(name, "xnli"), alias_name("labse", name), name):
         path = alias_path(root, alias).resolve()
         assert path.is_relative_to(root.resolve()), path
+
+
+def test_a_key_that_does_not_exist_is_a_clear_error(tmp_path: Path) -> None:
+    for command in ("show", "verify", "rm"):
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline", command, "0" * 32, "--cache-dir", str(tmp_path)],
+            cwd=REPO, env=chaos._env(), capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode == 2 and f"no store '{'0' * 32}'" in done.stderr and "actcache ls" in done.stderr
