@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from pipeline.models.hub import hf_cache_dir
 from schemas import ConfigError
 from schemas.dataset import DatasetSpec
 from schemas.errors import ActcacheError
@@ -30,7 +30,6 @@ __all__ = [
     "XNLI_LANGUAGES",
     "DatasetNotAvailableError",
     "Examples",
-    "datasets_cache_dir",
     "load_examples",
     "resolve_dataset",
 ]
@@ -210,7 +209,7 @@ def _read_tables(spec: DatasetSpec) -> tuple[list[tuple[str | None, Any]], str |
             loaded = datasets.load_dataset(builder, data_files={name: spec.path})
             return [(None, _split(loaded, spec).data.table)], None
         configs: list[str | None] = list(spec.configs) if spec.configs else [None]
-        cache = str(datasets_cache_dir())  # read now: `datasets` fixes its default at import time
+        cache = str(hf_cache_dir("datasets"))  # read now: `datasets` fixes its default at import time
         splits = [_split(datasets.load_dataset(spec.path, c, cache_dir=cache), spec) for c in configs]
         revisions = {_prepared_revision(split) for split in splits}
         revision = revisions.pop() if len(revisions) == 1 else None
@@ -246,7 +245,7 @@ def _split(loaded: Any, spec: DatasetSpec) -> Any:
 
 
 def _not_available(spec: DatasetSpec, exc: BaseException) -> DatasetNotAvailableError:
-    cache = str(datasets_cache_dir())
+    cache = str(hf_cache_dir("datasets"))
     configs = f" (configs {', '.join(spec.configs)})" if spec.configs else ""
     return DatasetNotAvailableError(
         f"dataset {spec.path!r}{configs} is not in the local Hugging Face datasets cache {cache!r} and "
@@ -254,16 +253,6 @@ def _not_available(spec: DatasetSpec, exc: BaseException) -> DatasetNotAvailable
         "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) to cache it, point HF_HOME at a cache that holds it, "
         "or pass a local file (--data path.jsonl)."
     )
-
-
-def datasets_cache_dir() -> Path:
-    """The datasets cache in force now: $HF_DATASETS_CACHE, else $HF_HOME/datasets."""
-    if os.environ.get("HF_DATASETS_CACHE"):
-        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"
-    )
-    return Path(home).expanduser() / "datasets"
 
 
 def _locate_problem(path: Path) -> str | None:

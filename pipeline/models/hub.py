@@ -62,14 +62,18 @@ def is_offline() -> bool:
     return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache directory in force now (HF_HUB_CACHE, else HF_HOME/hub)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+def hf_cache_dir(kind: Literal["hub", "datasets"] = "hub") -> Path:
+    """The Hugging Face cache in force now: $HF_HUB_CACHE / $HF_DATASETS_CACHE, else $HF_HOME/<kind>.
+
+    Read at call time: huggingface_hub and datasets fix theirs when first imported.
+    """
+    override = os.environ.get({"hub": "HF_HUB_CACHE", "datasets": "HF_DATASETS_CACHE"}[kind])
+    if override:
+        return Path(override).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"
     )
-    return Path(home).expanduser() / "hub"
+    return Path(home).expanduser() / kind
 
 
 def resolve_checkpoint(spec: ModelSpec, revision: str | None = None) -> ResolvedCheckpoint:
