@@ -166,6 +166,9 @@ def _add_extract(commands: Any) -> None:
     how.add_argument("--cache-dir", help="cache root (default: $ACTCACHE_DIR, else ~/.cache/actcache)")
     how.add_argument("--force", action="store_true", help="remove an existing store for this request and extract again")
     how.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary; print only the store path")
+    how.add_argument(
+        "--summary-json", metavar="FILE", help="also write the run's summary (sizes, times, padding) as JSON"
+    )
     how.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code to run")
     how.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; unpickling runs code")
     p.set_defaults(func=_cmd_extract)

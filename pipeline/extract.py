@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import platform
 import shutil
 import socket
@@ -56,6 +57,7 @@ class ExtractConfig:
     cache_dir: str | None = None
     force: bool = False
     quiet: bool = False
+    summary_json: str | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
     max_full_logits_gb: float = DEFAULT_MAX_FULL_LOGITS_GB
@@ -109,8 +111,7 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
         manifest = read_manifest(path)
         say(f"cache hit: {alias} is already extracted (key {resolved.key}); the model was not loaded.")
         summary = _summary(manifest, path, time.perf_counter() - started, 0)
-        _print_summary(say, summary)
-        print(path, file=out, flush=True)
+        _finish(cfg, say, out, summary | {"cache_hit": True})
         return ExtractResult(resolved.key, path, True, manifest, summary)
 
     say(f"{alias}: {len(resolved.examples)} examples, model {resolved.spec.hf_id} -> key {resolved.key}")
@@ -204,8 +205,8 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
     _warn_nonfinite(manifest, say)
     summary = _summary(manifest, writer.path, elapsed, stats.tokens)
     summary["padding_share"] = 1 - stats.tokens / stats.computed_positions if stats.computed_positions else 0.0
-    _print_summary(say, summary)
-    print(writer.path, file=out, flush=True)
+    summary["computed_positions"] = stats.computed_positions
+    _finish(cfg, say, out, summary | {"cache_hit": False})
     return ExtractResult(resolved.key, writer.path, False, manifest, summary)
 
 
@@ -262,8 +263,18 @@ def _summary(manifest: Manifest, path: Path, seconds: float, computed_tokens: in
     }
 
 
+def _finish(cfg: ExtractConfig, say: Any, out: TextIO, summary: dict[str, Any]) -> None:
+    """The summary (printed, and as JSON where asked), then the store path as the last line."""
+    _print_summary(say, summary)
+    if cfg.summary_json:
+        Path(cfg.summary_json).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print(summary["path"], file=out, flush=True)
+
+
 def _print_summary(say: Any, s: dict[str, Any]) -> None:
     rate = f", {s['tokens_per_s']:.0f} tokens/s" if s.get("tokens_per_s") else ""
+    if s.get("computed_positions"):
+        rate += f", {100 * s['padding_share']:.1f}% of computed positions were padding"
     state = "complete" if s["complete"] else "INCOMPLETE (rerun the same command to finish)"
     say(
         f"{state}: {s['examples']} examples, {s['tokens']} tokens ({s['truncated']} truncated, {s['empty']} empty), "

@@ -85,6 +85,14 @@ def _phase(cache: Path) -> tuple[str, int, int]:
     return ("shards written, before finalize" if done == total else f"mid-run ({done}/{total} shards)"), done, total
 
 
+def _wait_for_store(cache: Path, proc: subprocess.Popen[bytes]) -> float:
+    """Block until the run's store has a manifest (or the run ended); the seconds waited."""
+    started = time.monotonic()
+    while proc.poll() is None and not list(cache.glob("stores/*.zarr/manifest.json")):
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
 def kill_once(point: str, model: Path, data: Path, cache: Path, delay: float | None) -> Outcome:
     from cache import verify
 
@@ -93,6 +101,7 @@ def kill_once(point: str, model: Path, data: Path, cache: Path, delay: float | N
         subprocess.run(args, cwd=REPO, env=_env(ACTCACHE_CRASH_AT=point), capture_output=True)
     else:
         proc = subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_store(cache, proc)  # the clock starts when the store exists: imports are not interesting
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -115,15 +124,18 @@ def run(points: int, seed: int, workdir: Path) -> list[Outcome]:
     data.write_text(
         "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in SENTENCES * 3), encoding="utf-8"
     )
+    proc = subprocess.Popen(_args(model, data, workdir / "clean"), cwd=REPO, env=_env(), stdout=subprocess.PIPE)
+    _wait_for_store(workdir / "clean", proc)
     started = time.monotonic()
-    clean = subprocess.run(_args(model, data, workdir / "clean"), cwd=REPO, env=_env(), capture_output=True, text=True)
-    if clean.returncode != 0:
-        raise RuntimeError(f"the uninterrupted run failed: {clean.stderr}")
-    duration = time.monotonic() - started
-    reference = _arrays(Path(clean.stdout.strip().splitlines()[-1]))
+    out, _ = proc.communicate()
+    duration = time.monotonic() - started  # from the store's creation to the end of the run
+    if proc.returncode != 0:
+        raise RuntimeError("the uninterrupted run failed")
+    reference = _arrays(Path(out.decode().strip().splitlines()[-1]))
     rng = random.Random(seed)
     plan: list[tuple[str, float | None]] = [(name, None) for name in NAMED[:points]]
-    plan += [(f"random {d:.2f}s", d) for d in sorted(rng.uniform(0.3, duration) for _ in range(points - len(plan)))]
+    delays = sorted(rng.uniform(0.0, duration) for _ in range(points - len(plan)))
+    plan += [(f"random, {d:.2f} s after the store appeared", d) for d in delays]
     outcomes = []
     for i, (point, delay) in enumerate(plan):
         cache = workdir / f"kill-{i}"
