@@ -13,7 +13,7 @@ MODEL ?= minilm-l6
 DATA ?= sample
 ARGS ?=
 
-.PHONY: install test unit integration check fmt extract chaos clean
+.PHONY: install test unit integration check fmt extract chaos bench clean
 
 install: $(STAMP)
 
@@ -45,6 +45,9 @@ fmt: install
 
 extract: install
 	$(OFFLINE) $(VENV)/bin/actcache extract --model $(MODEL) --data $(DATA) $(ARGS)
+
+bench: install
+	$(OFFLINE) $(PY) bench/run.py $(ARGS)
 
 chaos: install
 	$(OFFLINE) $(PY) -m tests.chaos $(ARGS)

@@ -24,7 +24,7 @@ from cache.files import crash_point
 from cache.paths import alias_name, ensure_writable
 from pipeline.datasets import resolve_dataset
 from pipeline.plan import DEFAULT_MAX_FULL_LOGITS_GB, DEFAULT_SHARD_TOKENS, check_full_logits, plan
-from pipeline.reduce import POOLING_BY_STACK, Reducer
+from pipeline.reduce import POOLING_BY_STACK, STACKS_BY_ARCH, Reducer
 from pipeline.resolve import Resolved, resolve
 from pipeline.run import run_shards
 from pipeline.tokenize import tokenize_examples
@@ -147,11 +147,7 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
         checkpoint=resolved.checkpoint,
         tokenizer=resolved.tokenizer,
     )
-    stacks = (
-        ("encoder", "decoder")
-        if resolved.spec.arch == "seq2seq"
-        else (("decoder",) if resolved.spec.arch == "decoder_only" else ("encoder",))
-    )
+    stacks = STACKS_BY_ARCH[resolved.spec.arch]
     has_logits = getattr(runner, "has_lm_head", True)
     logits_mode = outputs.logits if has_logits else "none"
     arrays = build_arrays(

@@ -23,11 +23,13 @@ from schemas.store import (
     pooled_name,
 )
 
-__all__ = ["POOLING_BY_STACK", "BatchResult", "Reducer", "storage_array"]
+__all__ = ["POOLING_BY_STACK", "STACKS_BY_ARCH", "BatchResult", "Reducer", "storage_array"]
 
 # Mean over every real position, special tokens included (as sentence-transformers pools),
 # plus the position that summarises a sequence in each kind of stack.
 POOLING_BY_STACK = {"encoder": ("mean", "first"), "decoder": ("mean", "last")}
+# The stacks stored per family; mT5's decoder lines up with its input tokens ("shifted" policy).
+STACKS_BY_ARCH = {"encoder_only": ("encoder",), "decoder_only": ("decoder",), "seq2seq": ("encoder", "decoder")}
 _LOGIT_CHUNK = 256  # tokens per log-softmax slice: bounds memory for 250k vocabularies
 
 
