@@ -35,13 +35,13 @@ integration: install
 	$(OFFLINE) $(PY) -m pytest -q -m integration $(PYTEST_ARGS)
 
 check: install
-	$(VENV)/bin/ruff format --check schemas cache pipeline tests
-	$(VENV)/bin/ruff check schemas cache pipeline tests
+	$(VENV)/bin/ruff format --check schemas cache pipeline tests bench
+	$(VENV)/bin/ruff check schemas cache pipeline tests bench
 	$(VENV)/bin/mypy
 
 fmt: install
-	$(VENV)/bin/ruff format schemas cache pipeline tests
-	$(VENV)/bin/ruff check --fix schemas cache pipeline tests
+	$(VENV)/bin/ruff format schemas cache pipeline tests bench
+	$(VENV)/bin/ruff check --fix schemas cache pipeline tests bench
 
 extract: install
 	$(OFFLINE) $(VENV)/bin/actcache extract --model $(MODEL) --data $(DATA) $(ARGS)
