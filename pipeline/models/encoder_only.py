@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.models.base import BaseModelRunner
+from pipeline.models.hub import read_config
 from schemas import CheckpointError
 
 __all__ = ["EncoderModelRunner"]
@@ -26,6 +27,8 @@ class EncoderModelRunner(BaseModelRunner):
         from transformers import AutoModel, AutoModelForMaskedLM
 
         self.has_lm_head = False
+        if not _may_have_lm_head(read_config(self.checkpoint.path)):
+            return self._from_pretrained(AutoModel)  # saved as a bare encoder: load it once, as that
         try:
             model, info = self._from_pretrained(AutoModelForMaskedLM, output_loading_info=True)
         except CheckpointError:
@@ -36,3 +39,9 @@ class EncoderModelRunner(BaseModelRunner):
                 return model
             del model  # the head would be random weights: not logits anyone wants
         return self._from_pretrained(AutoModel)
+
+
+def _may_have_lm_head(config: dict[str, Any]) -> bool:
+    """False when config.json says the checkpoint was saved as a bare encoder (BertModel, ...)."""
+    architectures = config.get("architectures") or []
+    return not architectures or any(not name.endswith("Model") for name in architectures)
