@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cache.files import flocked, read_json, write_json
+from cache.files import flocked, lock_path, read_json, write_json
 from cache.keys import is_key
 from cache.paths import alias_path, cache_root, store_path
 from schemas import ActcacheError, StoreNotFoundError
@@ -42,7 +42,7 @@ def add_alias(root: Path, alias: str, key: str) -> None:
     """Record that `alias` names store `key` (most recent last)."""
     path = alias_path(root, alias)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with flocked(path.with_name(path.name + ".lock")):
+    with flocked(lock_path(path)):
         keys = _alias_keys(path)
         keys = [k for k in keys if k != key] + [key]
         write_json(path, {"alias": alias, "keys": keys})
@@ -120,7 +120,7 @@ class StoreInfo:
 
 def list_stores(root: Path | None = None) -> list[StoreInfo]:
     """Every store under `root`, oldest first; unreadable ones are listed with their error."""
-    from cache.integrity import marker_path
+    from cache.integrity import committed
 
     root = root or cache_root()
     infos = []
@@ -131,7 +131,7 @@ def list_stores(root: Path | None = None) -> list[StoreInfo]:
         except ActcacheError as exc:
             infos.append(StoreInfo(key, path, (), False, 0, 0, 0, 0, store_bytes(path), "", str(exc)))
             continue
-        done = sum(marker_path(path, s.index).is_file() for s in m.geometry.shards)
+        done = len(committed(path, m.geometry.shards))
         infos.append(
             StoreInfo(
                 key, path, m.aliases, m.complete, done, len(m.geometry.shards),
@@ -147,9 +147,9 @@ def remove_store(ref: str | os.PathLike[str], root: Path | None = None) -> Path:
     path = find_store(ref, root)
     key = path.name.removesuffix(STORE_SUFFIX)
     shutil.rmtree(path)
-    path.with_name(path.name + ".lock").unlink(missing_ok=True)
+    lock_path(path).unlink(missing_ok=True)
     for alias_file in (root / ALIASES_DIR).glob("*.json"):
-        with flocked(alias_file.with_name(alias_file.name + ".lock")):
+        with flocked(lock_path(alias_file)):
             data: dict[str, Any] = read_json(alias_file, "alias file")
             if key in data.get("keys", []):
                 data["keys"] = [k for k in data["keys"] if k != key]

@@ -21,6 +21,7 @@ __all__ = [
     "crash_point",
     "flocked",
     "json_ready",
+    "lock_path",
     "read_json",
     "try_flock",
     "write_json",
@@ -93,6 +94,11 @@ def try_flock(path: Path) -> int | None:
         if same:
             return fd
         os.close(fd)
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file that guards `path` (a store, an alias file): a sibling named `<name>.lock`."""
+    return path.with_name(path.name + ".lock")
 
 
 @contextlib.contextmanager

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache.files import flocked, read_json, write_json
+from cache.files import flocked, lock_path, read_json, write_json
 from schemas import StoreCorruptError, StoreNotFoundError
 from schemas.store import MANIFEST_ATTR, MANIFEST_FILE, MARKER_SUFFIX, SHARDS_DIR, Manifest, ShardRange
 
 __all__ = [
     "VerifyReport",
     "checksum_file",
+    "committed",
     "marker_path",
     "read_marker",
     "shard_checksums",
@@ -42,6 +44,11 @@ def shard_checksums(store: Path, manifest: Manifest, shard: ShardRange) -> dict[
 
 def marker_path(store: Path, index: int) -> Path:
     return store / SHARDS_DIR / f"{index:06d}{MARKER_SUFFIX}"
+
+
+def committed(store: Path, shards: Iterable[ShardRange]) -> list[ShardRange]:
+    """The shards of `shards` whose commit marker is there (verify decides whether to trust it)."""
+    return [shard for shard in shards if marker_path(store, shard.index).is_file()]
 
 
 def read_marker(store: Path, shard: ShardRange) -> dict[str, Any] | None:
@@ -155,7 +162,7 @@ def verify(ref: str | os.PathLike[str], root: Path | None = None, *, reset: bool
     report = verify_store(path, manifest)
     report.manifest_error = manifest_error
     if reset and (report.corrupt or manifest_error):
-        with flocked(path.with_name(path.name + ".lock")):
+        with flocked(lock_path(path)):
             for index in sorted(report.corrupt):
                 marker_path(path, index).unlink(missing_ok=True)
                 report.reset.append(index)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from cache.catalog import find_store, read_manifest
-from cache.integrity import marker_path
+from cache.integrity import committed
 from cache.paths import alias_name, cache_root
 from schemas import ConfigError, IncompleteStoreError
 from schemas.store import (
@@ -66,7 +66,7 @@ def open_activations(
     manifest = read_manifest(path)
     shards = manifest.geometry.shards
     if not manifest.complete:
-        done = tuple(s for s in shards if marker_path(path, s.index).is_file())
+        done = tuple(committed(path, shards))
         if not allow_partial:
             missing = [s.index for s in shards if s not in done]
             raise IncompleteStoreError(

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from cache.catalog import add_alias
-from cache.files import PARTIAL_SUFFIX, crash_point, flocked, json_ready, read_json, try_flock, write_json
-from cache.integrity import marker_path, read_marker, shard_checksums
+from cache.files import PARTIAL_SUFFIX, crash_point, flocked, json_ready, lock_path, read_json, try_flock, write_json
+from cache.integrity import committed, marker_path, read_marker, shard_checksums
 from cache.keys import cache_key
 from cache.paths import store_path
 from schemas import LayoutMismatchError, ShardClaimedError, StoreCorruptError
@@ -103,7 +103,7 @@ class StoreWriter:
         key = cache_key(request)
         path = store_path(root, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with flocked(path.with_name(path.name + ".lock")):
+        with flocked(lock_path(path)):
             if not path.exists():
                 all_arrays = (offsets_spec(), *(a for a in arrays if a.name != OFFSETS))
                 manifest = Manifest(
@@ -180,7 +180,7 @@ class StoreWriter:
 
     def done_shards(self) -> set[int]:
         """Indices of the shards whose marker is committed."""
-        return {s.index for s in self.geometry.shards if marker_path(self.path, s.index).is_file()}
+        return {s.index for s in committed(self.path, self.geometry.shards)}
 
     def pending_shards(self) -> list[ShardRange]:
         done = self.done_shards()
@@ -328,10 +328,10 @@ class StoreWriter:
 
         Returns the manifest as written (complete or not).
         """
-        with flocked(self.path.with_name(self.path.name + ".lock")):
+        with flocked(lock_path(self.path)):
             manifest = self._read_manifest(self.path)
-            pending = [s.index for s in manifest.geometry.shards if not marker_path(self.path, s.index).is_file()]
-            if pending or manifest.complete:
+            done = committed(self.path, manifest.geometry.shards)
+            if len(done) < len(manifest.geometry.shards) or manifest.complete:
                 self.manifest = manifest
                 return manifest
             totals: dict[str, Any] = {}

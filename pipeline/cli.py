@@ -220,12 +220,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
     import json
 
     from cache import find_store, read_manifest, store_bytes
-    from cache.integrity import marker_path
+    from cache.integrity import committed
 
     path = find_store(args.store, _root(args))
     manifest = read_manifest(path)
     shards = manifest.geometry.shards
-    done = sum(marker_path(path, s.index).is_file() for s in shards)
+    done = len(committed(path, shards))
     data = manifest.to_dict()
     data["geometry"] = {k: v for k, v in data["geometry"].items() if k != "shards"} | {"n_shards": len(shards)}
     print(json.dumps(data, indent=2, sort_keys=True))
