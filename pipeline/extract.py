@@ -83,6 +83,7 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
     out = out or sys.stdout
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=out, flush=True))
     started = time.perf_counter()
+    stages = _Stages()
     root = ensure_writable(cache_root(cfg.cache_dir))
     dataset = resolve_dataset(
         cfg.data,
@@ -103,6 +104,7 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
         trust_remote_code=cfg.trust_remote_code,
         allow_pickle=cfg.allow_pickle,
     )
+    stages.lap("resolve")
     path = store_path(root, resolved.key)
     alias = alias_name(resolved.spec.name, dataset.name)
     if path.exists() and cfg.force:
@@ -122,6 +124,7 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
         cache_dir=root / "tokenized",
         tok_hash=resolved.tokenizer_hash,
     )
+    stages.lap("tokenize")
     crash_point("after-tokenize")
     if len(tokenized.lengths) == 0:
         raise ConfigError(f"dataset {dataset.name!r} gave no examples (split {dataset.split!r}); nothing to extract")
@@ -147,6 +150,7 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
         checkpoint=resolved.checkpoint,
         tokenizer=resolved.tokenizer,
     )
+    stages.lap("load model")
     stacks = STACKS_BY_ARCH[resolved.spec.arch]
     has_logits = getattr(runner, "has_lm_head", True)
     logits_mode = outputs.logits if has_logits else "none"
@@ -188,9 +192,11 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
     )
     from tqdm.auto import tqdm
 
+    stages.lap("open store")
     total = sum(s.n_tokens for s in pending)
     with tqdm(total=total, unit="tok", unit_scale=True, disable=cfg.quiet, file=sys.stderr, desc="extract") as bar:
         stats = run_shards(runner, tokenized, writer, reducer, batch_size=cfg.batch_size, progress=bar)
+    stages.lap("run")
     elapsed = time.perf_counter() - started
     manifest = writer.finalize(
         stats={
@@ -202,8 +208,24 @@ def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
     summary = _summary(manifest, writer.path, elapsed, stats.tokens)
     summary["padding_share"] = 1 - stats.tokens / stats.computed_positions if stats.computed_positions else 0.0
     summary["computed_positions"] = stats.computed_positions
+    stages.lap("finalize")
+    summary["stage_seconds"] = stages.seconds
+    summary["writer_seconds"] = round(stats.write_seconds, 2)
     _finish(cfg, say, out, summary | {"cache_hit": False})
     return ExtractResult(resolved.key, writer.path, False, manifest, summary)
+
+
+class _Stages:
+    """Wall seconds per stage of one run, for the summary (where the time went)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 2)
+        self._last = now
 
 
 def _provenance(cfg: ExtractConfig, runner: Any, resolved: Resolved) -> dict[str, Any]:
@@ -255,6 +277,7 @@ def _summary(manifest: Manifest, path: Path, seconds: float, computed_tokens: in
         "shards": len(manifest.geometry.shards),
         "bytes": size,
         "seconds": round(seconds, 2),
+        "tokens_computed": computed_tokens,  # by this run: 0 on a cache hit, the pending shards' on a resume
         "tokens_per_s": round(computed_tokens / seconds, 1) if seconds > 0 and computed_tokens else None,
     }
 
@@ -276,4 +299,7 @@ def _print_summary(say: Any, s: dict[str, Any]) -> None:
         f"{state}: {s['examples']} examples, {s['tokens']} tokens ({s['truncated']} truncated, {s['empty']} empty), "
         f"{s['shards']} shards, {s['bytes'] / 2**20:.1f} MiB on disk, {s['seconds']:.1f} s{rate}"
     )
+    if stages := s.get("stage_seconds"):
+        times = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items())
+        say(f"time: {times} (writing in the background: {s['writer_seconds']:.1f} s)")
     say(f"key {s['key']}")

@@ -33,11 +33,21 @@ STACKS_BY_ARCH = {"encoder_only": ("encoder",), "decoder_only": ("decoder",), "s
 _LOGIT_CHUNK = 256  # tokens per log-softmax slice: bounds memory for 250k vocabularies
 
 
+def _storage_tensor(values: torch.Tensor, store_dtype: str) -> torch.Tensor:
+    """A tensor cast to the store's dtype (float16, bfloat16 or float32), on its device."""
+    return values.to(getattr(torch, store_dtype))
+
+
+def _to_numpy(stored: torch.Tensor) -> np.ndarray:
+    """A store-dtype tensor as the numpy array the store keeps (bfloat16 as its uint16 bits)."""
+    if stored.dtype == torch.bfloat16:
+        return stored.view(torch.int16).cpu().numpy().view(np.uint16)
+    return stored.cpu().numpy()
+
+
 def storage_array(values: torch.Tensor, store_dtype: str) -> np.ndarray:
     """A tensor as the numpy array the store keeps: float16, bfloat16 bits (uint16) or float32."""
-    if store_dtype == "bfloat16":
-        return values.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return values.to(getattr(torch, store_dtype)).cpu().numpy()
+    return _to_numpy(_storage_tensor(values, store_dtype))
 
 
 @dataclass
@@ -71,17 +81,17 @@ class Reducer:
         result.token_arrays["token_ids"] = ids.to(torch.int32).cpu().numpy()
         result.token_arrays["special_mask"] = special_mask.to(mask.device)[mask].to(torch.uint8).cpu().numpy()
         for stack in self.stacks:
-            states = torch.stack([out.stacks()[stack][i] for i in self.layers])  # (L, B, S, H)
-            real = states[:, mask]  # (L, T, H): each example's tokens in order, examples back to back
-            stored = storage_array(real, self.store_dtype) if self.token_level else None
-            if stored is not None:
-                result.token_arrays[hidden_name(stack)] = stored
-            finite = torch.isfinite(real.to(torch.float16 if self.store_dtype == "float16" else real.dtype))
-            result.nonfinite[stack] = (~finite).flatten(1).sum(1).tolist()
+            states = out.stacks()[stack]
+            # Only the real tokens of the kept layers are gathered (no (L, B, S, H) copy); each
+            # example's tokens in order, examples back to back.
+            real = torch.stack([states[i][mask] for i in self.layers])  # (L, T, H)
+            stored = _storage_tensor(real, self.store_dtype)
+            if self.token_level:
+                result.token_arrays[hidden_name(stack)] = _to_numpy(stored)
+            result.nonfinite[stack] = _nonfinite(real, stored)
             for how in POOLING_BY_STACK[stack]:
-                result.example_arrays[pooled_name(stack, how)] = storage_array(
-                    _pool(states, mask, lengths, how), self.store_dtype
-                )
+                pooled = torch.stack([_pool(states[i], mask, lengths, how) for i in self.layers])
+                result.example_arrays[pooled_name(stack, how)] = storage_array(pooled, self.store_dtype)
         if self.logits != "none" and out.logits is not None:
             result.token_arrays |= self._logits(out, mask)
         return result
@@ -118,12 +128,23 @@ class Reducer:
         return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in chunks.items()}
 
 
+def _nonfinite(real: torch.Tensor, stored: torch.Tensor) -> list[int]:
+    """Per layer, how many stored values are NaN or infinite (overflow of the cast included).
+
+    Counting on float16 is slow on CPU; a layer whose largest magnitude is finite and fits
+    the stored dtype has none, which one max over the float32 values shows.
+    """
+    peak = real.abs().flatten(1).amax(1) if real.numel() else real.new_zeros(real.shape[0])
+    fits = (peak <= torch.finfo(stored.dtype).max).tolist()  # NaN compares False
+    return [0 if ok else int((~torch.isfinite(layer)).sum()) for ok, layer in zip(fits, stored, strict=True)]
+
+
 def _pool(states: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
-    """(L, B, S, H) -> (L, B, H); pooled in float32. Zero-token examples pool to zeros."""
+    """(B, S, H) -> (B, H); pooled in float32. Zero-token examples pool to zeros."""
     states = states.float()
-    if how == "mean":
-        weights = mask.to(states.dtype)[None, :, :, None]
-        return (states * weights).sum(2) / lengths.clamp(min=1).to(states.dtype)[None, :, None]
+    if how == "mean":  # a (B, 1, S) x (B, S, H) product: no masked copy of the states
+        sums = torch.bmm(mask.to(states.dtype).unsqueeze(1), states).squeeze(1)
+        return sums / lengths.clamp(min=1).to(states.dtype)[:, None]
     index = torch.zeros_like(lengths) if how == "first" else (lengths - 1).clamp(min=0)
-    picked = states[:, torch.arange(states.shape[1], device=states.device), index]
-    return picked * (lengths > 0).to(states.dtype)[None, :, None]
+    picked = states[torch.arange(states.shape[0], device=states.device), index]
+    return picked * (lengths > 0).to(states.dtype)[:, None]

@@ -47,6 +47,7 @@ class RunStats:
     examples: int = 0
     computed_positions: int = 0  # padded batch positions the model ran over
     seconds: float = 0.0
+    write_seconds: float = 0.0  # the background writer's busy time
 
 
 class _StopFlag:
@@ -79,19 +80,24 @@ class _BackgroundWriter:
         self.writer = writer
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
+        self.busy = 0.0
         self.thread = threading.Thread(target=self._loop, name="actcache-writer", daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
         while (item := self.queue.get()) is not None:
             claim, shard, arrays, lengths, stats = item
+            del item  # a written shard's buffers are freed at once, not when the next one comes
+            started = time.perf_counter()
             try:
                 if self.error is None:
                     self.writer.write_shard(shard, arrays, lengths, stats)
             except BaseException as exc:  # handed to the main thread, which raises it
                 self.error = exc
             finally:
+                del arrays
                 claim.close()
+                self.busy += time.perf_counter() - started
 
     def put(self, item: Any) -> None:
         self.check()
@@ -151,10 +157,12 @@ def run_shards(
                     break
                 lengths = tokenized.lengths[shard.ex_start : shard.ex_stop]
                 background.put((claim, shard, buffers, lengths, shard_stats))
+                del buffers  # the writer frees them once written: only queued or unwritten shards hold memory
                 stats.shards_written += 1
     finally:
         background.close()
         stats.seconds = time.perf_counter() - started
+        stats.write_seconds = background.busy
     if flag.stop:
         raise Interrupted(
             f"stopped by Ctrl-C after {stats.shards_written} shard(s) were committed; rerun the same "
@@ -200,13 +208,14 @@ def _compute_shard(
     }
     lengths = tokenized.lengths[shard.ex_start : shard.ex_stop]
     starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]  # token offset of each example in the shard
+    columns = tokenized.flat(shard.ex_start, shard.ex_stop)
     order = np.argsort(-lengths, kind="stable")  # longest first: padding stays small
     nonfinite: dict[str, list[int]] = {}
     for begin in range(0, len(order), batch_size):
         members = order[begin : begin + batch_size]
-        batch, special = _collate(tokenized, shard.ex_start + members, runner)
+        batch, special, tokens = _collate(columns, starts[members], lengths[members], runner)
         result: BatchResult = reducer(runner.forward(batch), special)
-        _scatter(writer.manifest.arrays, buffers, result, members, starts)
+        _scatter(writer.manifest.arrays, buffers, result, members, tokens)
         for stack, counts in result.nonfinite.items():
             total = nonfinite.setdefault(stack, [0] * len(counts))
             nonfinite[stack] = [a + b for a, b in zip(total, counts, strict=True)]
@@ -226,28 +235,30 @@ def _logical(spec: ArraySpec, shard: ShardRange) -> int:
     return shard.n_tokens if spec.axis == "token" else shard.n_examples
 
 
-def _collate(tokenized: Tokenized, rows: np.ndarray, runner: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Right-padded tensors for `rows` of the tokenized dataset, plus their special-token mask."""
-    records = tokenized.dataset[[int(r) for r in rows]]
-    ids = records["input_ids"]
-    width = max((len(x) for x in ids), default=0)
-    n = len(ids)
-    pad = runner.tokenizer.pad_token_id
-    input_ids = torch.full((n, width), pad, dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    special = torch.zeros((n, width), dtype=torch.long)
-    types = torch.zeros((n, width), dtype=torch.long) if "token_type_ids" in records else None
-    for i, seq in enumerate(ids):
-        k = len(seq)
-        input_ids[i, :k] = torch.as_tensor(seq)
-        attention[i, :k] = 1
-        special[i, :k] = torch.as_tensor(records["special_tokens_mask"][i])
-        if types is not None:
-            types[i, :k] = torch.as_tensor(records["token_type_ids"][i])
-    batch = {"input_ids": input_ids, "attention_mask": attention}
-    if types is not None:
-        batch["token_type_ids"] = types
-    return {k: v.to(runner.device) for k, v in batch.items()}, special
+def _collate(
+    columns: dict[str, np.ndarray], starts: np.ndarray, lengths: np.ndarray, runner: Any
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, np.ndarray]:
+    """Right-padded tensors for examples at `starts` (with `lengths`) of a shard's flat columns.
+
+    Also returns their special-token mask and the shard positions of their real tokens in
+    batch order: where each token of the batch's results goes.
+    """
+    width = int(lengths.max(initial=0))
+    real = np.arange(width)[None, :] < lengths[:, None]
+    tokens = (starts[:, None] + np.arange(width)[None, :])[real]
+
+    def padded(name: str, fill: int) -> torch.Tensor:
+        out = np.full(real.shape, fill, dtype=np.int64)
+        out[real] = columns[name][tokens]
+        return torch.from_numpy(out)
+
+    batch = {
+        "input_ids": padded("input_ids", runner.tokenizer.pad_token_id),
+        "attention_mask": torch.from_numpy(real.astype(np.int64)),
+    }
+    if "token_type_ids" in columns:
+        batch["token_type_ids"] = padded("token_type_ids", 0)
+    return {k: v.to(runner.device) for k, v in batch.items()}, padded("special_tokens_mask", 0), tokens
 
 
 def _scatter(
@@ -255,20 +266,12 @@ def _scatter(
     buffers: dict[str, np.ndarray],
     result: BatchResult,
     members: np.ndarray,
-    starts: np.ndarray,
+    tokens: np.ndarray,
 ) -> None:
-    """Put each example's slice of a batch result at its place in the shard (dataset order)."""
-    batch_starts = np.concatenate([[0], np.cumsum(result.lengths)])
+    """Put a batch's results at their places in the shard (dataset order)."""
     for spec in arrays:
+        axis: tuple[Any, ...] = (slice(None),) * len(spec.leading)
         if spec.name in result.token_arrays:
-            source = result.token_arrays[spec.name]
-            axis = len(spec.leading)
-            for j, example in enumerate(members):
-                n = result.lengths[j]
-                dst = (slice(None),) * axis + (slice(starts[example], starts[example] + n),)
-                src = (slice(None),) * axis + (slice(batch_starts[j], batch_starts[j] + n),)
-                buffers[spec.name][dst] = source[src]
+            buffers[spec.name][(*axis, tokens)] = result.token_arrays[spec.name]
         elif spec.name in result.example_arrays:
-            axis = len(spec.leading)
-            index = (slice(None),) * axis + (members,)
-            buffers[spec.name][index] = result.example_arrays[spec.name]
+            buffers[spec.name][(*axis, members)] = result.example_arrays[spec.name]

@@ -19,6 +19,8 @@ from pipeline.datasets import Examples
 
 __all__ = ["Tokenized", "tokenize_examples", "tokenizer_hash"]
 
+_TOKEN_COLUMNS = ("input_ids", "special_tokens_mask", "token_type_ids")
+
 
 def tokenizer_hash(tokenizer: Any) -> str:
     """Content hash of a tokenizer: its full tokenizers-library definition, not a file path."""
@@ -47,10 +49,16 @@ class Tokenized:
     dataset: Any
     lengths: np.ndarray
     max_length: int
+    n_truncated: int
 
-    @property
-    def n_truncated(self) -> int:
-        return int(np.sum(self.dataset["truncated"])) if len(self.dataset) else 0
+    def flat(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The token columns of examples [start, stop), examples back to back (one Arrow read)."""
+        table = self.dataset.with_format("arrow")[start:stop]
+        return {
+            name: table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            for name in _TOKEN_COLUMNS
+            if name in table.column_names
+        }
 
 
 def tokenize_examples(
@@ -70,11 +78,18 @@ def tokenize_examples(
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         args = (batch["a"], batch["b"]) if pair else (batch["a"],)
         out = tokenizer(*args, truncation=True, max_length=max_length, return_special_tokens_mask=True)
-        raw = [tokenizer(col, add_special_tokens=False)["input_ids"] for col in args]
-        full = [sum(len(col[i]) for col in raw) + specials for i in range(len(batch["a"]))]
-        result = {k: out[k] for k in ("input_ids", "special_tokens_mask", "token_type_ids") if k in out}
+        result = {k: out[k] for k in _TOKEN_COLUMNS if k in out}
         result["length"] = [len(ids) for ids in out["input_ids"]]
-        result["truncated"] = [f > max_length for f in full]
+        # Only an example cut to exactly max_length can have been truncated: count the whole
+        # text of those few again instead of tokenizing every text twice.
+        full = [n >= max_length for n in result["length"]]
+        maybe = [i for i, hit in enumerate(full) if hit]
+        if maybe:
+            again = [[col[i] for i in maybe] for col in args]
+            raw = [tokenizer(col, add_special_tokens=False)["input_ids"] for col in again]
+            for j, i in enumerate(maybe):
+                full[i] = sum(len(col[j]) for col in raw) + specials > max_length
+        result["truncated"] = full
         return result
 
     dataset = datasets.Dataset.from_dict(columns)
@@ -88,5 +103,9 @@ def tokenize_examples(
         new_fingerprint=fingerprint,
         load_from_cache_file=True,
     )
-    lengths = np.asarray(tokenized["length"], dtype=np.int64) if len(tokenized) else np.zeros(0, np.int64)
-    return Tokenized(tokenized.with_format("numpy"), lengths, max_length)
+    if not len(tokenized):
+        return Tokenized(tokenized, np.zeros(0, np.int64), max_length, 0)
+    table = tokenized.with_format("arrow")[:]
+    lengths = table.column("length").to_numpy().astype(np.int64)
+    n_truncated = int(np.count_nonzero(table.column("truncated").to_numpy(zero_copy_only=False)))
+    return Tokenized(tokenized, lengths, max_length, n_truncated)
