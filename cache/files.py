@@ -30,15 +30,19 @@ __all__ = [
 PARTIAL_SUFFIX = ".partial"  # the same suffix zarr's LocalStore gives its temp files
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` whole or not at all: a sibling temp file, fsync, rename."""
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, crash_at: str = "mid-commit") -> None:
+    """Write `data` to `path` whole or not at all: a sibling temp file, fsync (if `durable`), rename.
+
+    `crash_at` names the crash point between the temp file and the rename (see `crash_point`).
+    """
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        crash_point("mid-commit")
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        crash_point(crash_at)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cache.catalog import find_store, read_manifest
+from cache.chunkio import ChunkFiles
 from cache.integrity import committed
 from cache.paths import alias_name, cache_root
 from schemas import ConfigError, IncompleteStoreError
@@ -38,6 +39,15 @@ from schemas.store import (
 )
 
 __all__ = ["Activations", "Example", "open_activations"]
+
+_BLOCK_BYTES = 64 << 20  # per Dask block of a lazy array: few tasks per layer, bounded memory
+
+
+def _from_storage(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values as users see them: bfloat16 bit patterns become float32, exactly."""
+    if dtype == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    return values
 
 
 def open_activations(
@@ -105,6 +115,7 @@ class Activations:
         self.manifest = manifest
         self.shards = shards
         self._group = zarr.open_group(path, mode="r")
+        self._chunk_files: dict[str, ChunkFiles | None] = {}
         self.n_examples = sum(s.n_examples for s in shards)
         self.n_tokens = sum(s.n_tokens for s in shards)
 
@@ -135,8 +146,8 @@ class Activations:
 
         spec = self._spec(name)
         array = da.from_zarr(self._group[name])
-        if spec.dtype == "bfloat16":  # raw bits -> float32, exactly
-            array = array.map_blocks(lambda b: (b.astype(np.uint32) << 16).view(np.float32), dtype=np.float32)
+        if spec.dtype == "bfloat16":
+            array = array.map_blocks(_from_storage, spec.dtype, dtype=np.float32)
         return array
 
     def _spec(self, name: str) -> ArraySpec:
@@ -156,15 +167,73 @@ class Activations:
                 runs.append((start, stop))
         return runs
 
-    def _logical(self, name: str, *lead: int) -> Any:
-        """Array `name` on the logical axis, with its leading dims indexed by `lead` (if given)."""
+    def _logical(self, name: str, *lead: int, lazy: bool = True) -> Any:
+        """Array `name` on the logical axis, with its leading dims indexed by `lead` (if given).
+
+        `lazy=False` reads it into one numpy array at once: straight from the chunk files
+        where it can, without Dask's copy of the result.
+        """
         import dask.array as da
 
         spec = self._spec(name)
+        files = self._files(spec)
+        if files is not None:
+            if not lazy and len(lead) == len(spec.leading):
+                return self._read(spec, files, lead, 0, self._span(spec))
+            return self._direct(spec, files, lead)
         array = self._dask(name)[lead] if lead else self._dask(name)
         axis = len(spec.leading) - len(lead)
         pieces = [array[(slice(None),) * axis + (slice(a, b),)] for a, b in self._pieces(spec)]
-        return pieces[0] if len(pieces) == 1 else da.concatenate(pieces, axis=axis)
+        view = pieces[0] if len(pieces) == 1 else da.concatenate(pieces, axis=axis)
+        return view if lazy else view.compute()
+
+    def _files(self, spec: ArraySpec) -> ChunkFiles | None:
+        if spec.name not in self._chunk_files:
+            self._chunk_files[spec.name] = ChunkFiles.of(
+                self._group[spec.name], self.path / spec.name, len(spec.leading)
+            )
+        return self._chunk_files[spec.name]
+
+    def _span(self, spec: ArraySpec) -> int:
+        return sum(b - a for a, b in self._pieces(spec))
+
+    def _read(self, spec: ArraySpec, files: ChunkFiles, index: tuple[int, ...], start: int, stop: int) -> np.ndarray:
+        """Logical rows [start, stop) at leading `index`, decoded from the physical runs they cover."""
+        out = np.empty((stop - start, *spec.trailing), dtype=files.dtype)
+        first = 0
+        for phys, phys_stop in self._pieces(spec):
+            last = first + phys_stop - phys
+            lo, hi = max(start, first), min(stop, last)  # the part of this physical run in [start, stop)
+            if lo < hi:
+                files.read_rows(index, phys + lo - first, phys + hi - first, out[lo - start : hi - start])
+            first = last
+        return _from_storage(out, spec.dtype)
+
+    def _direct(self, spec: ArraySpec, files: ChunkFiles, lead: tuple[int, ...]) -> Any:
+        """A Dask array whose blocks decode the chunk files straight into place (see `cache.chunkio`).
+
+        Blocks span ~`_BLOCK_BYTES` of whole chunks along the logical axis, so a layer is a
+        few tasks, not one per chunk.
+        """
+        import dask.array as da
+
+        n = self._span(spec)
+        row_bytes = int(np.prod(spec.trailing, dtype=np.int64)) * files.dtype.itemsize
+        step = files.chunks[len(spec.leading)]
+        rows = max(step, _BLOCK_BYTES // max(row_bytes, 1) // step * step)
+        blocks = tuple(min(rows, n - a) for a in range(0, n, rows)) or (0,)
+        free = spec.leading[len(lead) :]
+        chunks = (*((1,) * k for k in free), blocks, *((t,) for t in spec.trailing))
+
+        def read(block_info: dict[Any, Any] | None = None) -> np.ndarray:
+            assert block_info is not None
+            where = block_info[None]["array-location"]
+            index = (*lead, *(a for a, _ in where[: len(free)]))
+            block = self._read(spec, files, index, *where[len(free)])
+            return block.reshape((1,) * len(free) + block.shape)
+
+        dtype = np.float32 if spec.dtype == "bfloat16" else files.dtype
+        return da.map_blocks(read, chunks=chunks, dtype=dtype, meta=np.empty((0,) * len(chunks), dtype=dtype))
 
     def _layer_position(self, layer: int) -> int:
         n = self.manifest.n_states
@@ -190,12 +259,18 @@ class Activations:
 
     # -- public arrays ---------------------------------------------------------------------
 
-    def hidden(self, layer: int, stack: str | None = None) -> Any:
-        """Token-level hidden states of `layer`: dask (n_tokens, hidden), ragged via `offsets`."""
-        return self._logical(hidden_name(self._stack(stack)), self._layer_position(layer))
+    def hidden(self, layer: int, stack: str | None = None, *, lazy: bool = True) -> Any:
+        """Token-level hidden states of `layer`: dask (n_tokens, hidden), ragged via `offsets`.
 
-    def pooled(self, layer: int, how: str = "mean", stack: str | None = None) -> Any:
-        """Per-example pooled states of `layer`: dask (n_examples, hidden). `how`: mean, first, last."""
+        `lazy=False` returns numpy, read at once near disk speed (Dask's `.compute()` adds a copy).
+        """
+        return self._logical(hidden_name(self._stack(stack)), self._layer_position(layer), lazy=lazy)
+
+    def pooled(self, layer: int, how: str = "mean", stack: str | None = None, *, lazy: bool = True) -> Any:
+        """Per-example pooled states of `layer`: dask (n_examples, hidden). `how`: mean, first, last.
+
+        `lazy=False` returns numpy, read at once.
+        """
         name = pooled_name(self._stack(stack), how)
         if not self.manifest.has_array(name):
             held = sorted(
@@ -204,7 +279,7 @@ class Activations:
                 if a.name.startswith(f"{self._stack(stack)}/pooled_")
             )
             raise ConfigError(f"store {self.key} has no {how!r} pooling for that stack; it has {held}")
-        return self._logical(name, self._layer_position(layer))
+        return self._logical(name, self._layer_position(layer), lazy=lazy)
 
     @property
     def token_ids(self) -> Any:

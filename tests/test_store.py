@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +15,8 @@ import dask.array as da
 import numpy as np
 import pytest
 import torch
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
 
 from cache import (
     StoreWriter,
@@ -22,9 +26,12 @@ from cache import (
     list_stores,
     open_activations,
     read_manifest,
+    reader,
     remove_store,
     verify,
 )
+from cache.chunkio import ChunkFiles
+from cache.integrity import marker_path
 from cache.paths import alias_path, cache_root
 from schemas import (
     ConfigError,
@@ -34,7 +41,7 @@ from schemas import (
     ShardClaimedError,
     StoreNotFoundError,
 )
-from schemas.store import MANIFEST_FILE, hidden_name
+from schemas.store import MANIFEST_FILE, hidden_name, pooled_name
 from tests import storegen
 from tests.storegen import HIDDEN, N_STATES, open_writer, shard_arrays, synthetic, write_shard
 
@@ -85,6 +92,79 @@ def test_round_trip_per_dtype(_cache_root: Path, store_dtype: str) -> None:
     np.testing.assert_array_equal(topk["entropy"].compute(), data.entropy)
     assert acts.examples["id"].tolist() == data.examples["id"]
     assert acts.examples["label"].tolist() == data.examples["label"]
+
+
+def test_chunk_files_are_what_zarr_itself_reads(_cache_root: Path) -> None:
+    """The writer encodes chunk files itself (cache.chunkio); plain zarr must read them back."""
+    writer, data = complete_store(_cache_root, "float32")
+    hidden = zarr.open_array(writer.path / hidden_name("encoder"), mode="r")
+    token_ids = zarr.open_array(writer.path / "token_ids", mode="r")
+    pooled = zarr.open_array(writer.path / pooled_name("encoder", "mean"), mode="r")
+    for shard in writer.geometry.shards:
+        phys = slice(shard.phys_start, shard.phys_start + shard.n_tokens)
+        logical = slice(shard.tok_start, shard.tok_stop)
+        np.testing.assert_array_equal(hidden[:, phys], data.hidden[:, logical])
+        np.testing.assert_array_equal(token_ids[phys], data.token_ids[logical])
+        tail = hidden[:, phys.stop : shard.phys_stop(writer.geometry.token_chunk)]
+        assert not tail.any(), "the unused tail of a shard's last chunk holds the fill value"
+    np.testing.assert_array_equal(pooled[:], data.pooled)
+
+
+def test_reads_match_across_block_sizes_and_the_zarr_fallback(
+    _cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dask blocks that start and end mid-chunk and mid-shard, and arrays read through zarr."""
+    writer, data = complete_store(_cache_root)
+    expected = expected_storage(data.hidden, "float16")
+    for block_bytes in (1, 5 * HIDDEN * 2, 64 << 20):  # one chunk, 5 tokens, everything
+        monkeypatch.setattr(reader, "_BLOCK_BYTES", block_bytes)
+        acts = open_activations(writer.key)
+        for layer in (0, 3):
+            np.testing.assert_array_equal(acts.hidden(layer).compute(), expected[layer])
+            np.testing.assert_array_equal(acts.hidden(layer)[7:61].compute(), expected[layer, 7:61])
+        np.testing.assert_array_equal(acts.token_ids.compute(), data.token_ids)
+    assert open_activations(writer.key)._files(writer.manifest.array(hidden_name("encoder"))) is not None
+    eager = open_activations(writer.key).hidden(4, lazy=False)
+    assert isinstance(eager, np.ndarray)
+    np.testing.assert_array_equal(eager, expected[4])
+    pooled = expected_storage(data.pooled, "float16")
+    np.testing.assert_array_equal(open_activations(writer.key).pooled(1, lazy=False), pooled[1])
+    monkeypatch.setattr(ChunkFiles, "of", classmethod(lambda cls, *a: None))  # as for a codec it does not know
+    acts = open_activations(writer.key)
+    np.testing.assert_array_equal(acts.hidden(2).compute(), expected[2])
+    np.testing.assert_array_equal(acts.hidden(2, lazy=False), expected[2])
+    np.testing.assert_array_equal(acts.pooled(1, lazy=False), pooled[1])
+    np.testing.assert_array_equal(acts.offsets.compute(), data.offsets)
+
+
+def test_chunk_files_only_for_bytes_and_blosc(tmp_path: Path) -> None:
+    plain = zarr.create_array(tmp_path / "a", shape=(4, 8), chunks=(1, 8), dtype="float16", compressors=None)
+    zstd = zarr.create_array(
+        tmp_path / "b", shape=(4, 8), chunks=(1, 8), dtype="float16", compressors=[ZstdCodec(level=1)]
+    )
+    blosc = zarr.create_array(tmp_path / "c", shape=(4, 8), chunks=(1, 8), dtype="float16")
+    assert ChunkFiles.of(plain, tmp_path / "a", 1) is None
+    assert ChunkFiles.of(zstd, tmp_path / "b", 1) is None
+    if any(isinstance(c, BloscCodec) for c in blosc.metadata.codecs):
+        assert ChunkFiles.of(blosc, tmp_path / "c", 1) is not None
+
+
+def test_markers_from_before_xxh3_still_verify(_cache_root: Path) -> None:
+    """Stores written with BLAKE2b-128 checksums (markers without a "checksum" name) verify."""
+    writer, _ = complete_store(_cache_root)
+    marker = marker_path(writer.path, 2)
+    legacy = json.loads(marker.read_text())
+    del legacy["checksum"]
+    legacy["checksums"] = {
+        array: {key: hashlib.blake2b((writer.path / array / key).read_bytes(), digest_size=16).hexdigest()
+                for key in keys}
+        for array, keys in legacy["checksums"].items()
+    }  # fmt: skip
+    marker.write_text(json.dumps(legacy))
+    assert verify(writer.key).ok
+    chunk = _chunk_file(writer, 2)
+    chunk.write_bytes(chunk.read_bytes()[:-3])
+    assert sorted(verify(writer.key).corrupt) == [2]
 
 
 def test_ragged_slices_and_negative_layers(_cache_root: Path) -> None:
