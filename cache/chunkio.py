@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from cache.files import atomic_write_bytes
+from cache.integrity import checksum_bytes
 from schemas import StoreCorruptError
 from schemas.store import chunk_key
 
@@ -73,8 +74,11 @@ class ChunkFiles:
     def path(self, coords: tuple[int, ...]) -> Path:
         return self.directory / chunk_key(coords)
 
-    def write(self, coords: tuple[int, ...], data: np.ndarray) -> None:
-        """Encode chunk `coords` from `data` (padded with the fill value if short) and write it atomically."""
+    def write(self, coords: tuple[int, ...], data: np.ndarray) -> str:
+        """Encode chunk `coords` from `data` (padded with the fill value if short), write it atomically.
+
+        Returns the file's checksum, taken from the bytes written (no read back).
+        """
         shape = self.chunks[self.lead :]  # `data` comes without the leading axes (chunked by 1)
         if data.shape != shape:
             full = np.full(shape, self.fill, dtype=self.dtype)
@@ -86,6 +90,7 @@ class ChunkFiles:
         # No fsync, as zarr: the shard's marker is written after and holds every chunk's
         # checksum, so a chunk a power cut lost is found by `verify`.
         atomic_write_bytes(path, bytes(frame), durable=False, crash_at="mid-chunk")
+        return checksum_bytes(frame)
 
     def read_rows(self, index: tuple[int, ...], start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) of the split axis at leading `index`, decoded into `out` (or a new array).

@@ -13,11 +13,22 @@ import xxhash
 
 from cache.files import flocked, lock_path, read_json, write_json
 from schemas import StoreCorruptError, StoreNotFoundError
-from schemas.store import MANIFEST_ATTR, MANIFEST_FILE, MARKER_SUFFIX, SHARDS_DIR, Manifest, ShardRange
+from schemas.store import (
+    MANIFEST_ATTR,
+    MANIFEST_FILE,
+    MARKER_SUFFIX,
+    SHARDS_DIR,
+    ArraySpec,
+    Geometry,
+    Manifest,
+    ShardRange,
+)
 
 __all__ = [
     "CHECKSUM",
     "VerifyReport",
+    "array_checksums",
+    "checksum_bytes",
     "checksum_file",
     "committed",
     "marker_path",
@@ -32,33 +43,39 @@ __all__ = [
 # so checksumming a shard costs little beside writing it. Markers name their algorithm;
 # markers without one are from stores written with BLAKE2b-128.
 CHECKSUM = "xxh3_128"
-_HASHES: dict[str, Callable[[bytes], str]] = {
+_HASHES: dict[str, Callable[[Any], str]] = {  # bytes-like in, hex digest out
     "xxh3_128": lambda data: xxhash.xxh3_128_hexdigest(data),
     "blake2b_128": lambda data: hashlib.blake2b(data, digest_size=16).hexdigest(),
 }
 _LEGACY_CHECKSUM = "blake2b_128"
 
 
+def checksum_bytes(data: bytes | memoryview, algorithm: str = CHECKSUM) -> str:
+    """The checksum of a chunk file's bytes (as written or as read back)."""
+    return _HASHES[algorithm](data)
+
+
 def checksum_file(path: Path, algorithm: str = CHECKSUM) -> str | None:
     """The checksum of a chunk file's bytes; None when the file is absent."""
     try:
         with open(path, "rb") as fh:
-            return _HASHES[algorithm](fh.read())
+            return checksum_bytes(fh.read(), algorithm)
     except FileNotFoundError:
         return None
+
+
+def array_checksums(
+    store: Path, spec: ArraySpec, shard: ShardRange, geometry: Geometry, algorithm: str = CHECKSUM
+) -> dict[str, str | None]:
+    """Checksums of the chunk files of array `spec` that `shard` owns, read back from disk."""
+    return {key: checksum_file(store / spec.name / key, algorithm) for key in spec.shard_chunks(shard, geometry)}
 
 
 def shard_checksums(
     store: Path, manifest: Manifest, shard: ShardRange, algorithm: str = CHECKSUM
 ) -> dict[str, dict[str, str | None]]:
     """Checksums of every chunk file `shard` owns, by array and chunk key."""
-    return {
-        spec.name: {
-            key: checksum_file(store / spec.name / key, algorithm)
-            for key in spec.shard_chunks(shard, manifest.geometry)
-        }
-        for spec in manifest.arrays
-    }
+    return {spec.name: array_checksums(store, spec, shard, manifest.geometry, algorithm) for spec in manifest.arrays}
 
 
 def marker_path(store: Path, index: int) -> Path:

@@ -26,7 +26,7 @@ import numpy as np
 from cache.catalog import add_alias
 from cache.chunkio import ChunkFiles
 from cache.files import PARTIAL_SUFFIX, crash_point, flocked, json_ready, lock_path, read_json, try_flock, write_json
-from cache.integrity import CHECKSUM, committed, marker_path, read_marker, shard_checksums
+from cache.integrity import CHECKSUM, array_checksums, committed, marker_path, read_marker
 from cache.keys import cache_key
 from cache.paths import store_path
 from schemas import LayoutMismatchError, ShardClaimedError, StoreCorruptError
@@ -43,6 +43,7 @@ from schemas.store import (
     Geometry,
     Manifest,
     ShardRange,
+    chunk_key,
 )
 
 __all__ = ["StoreWriter", "offsets_spec", "to_bfloat16_bits", "utcnow"]
@@ -270,17 +271,17 @@ class StoreWriter:
         missing = {spec.name for spec in self.manifest.arrays} - set(values)
         if missing:
             raise LayoutMismatchError(f"shard {shard.index}: no data for arrays {sorted(missing)}")
+        checksums = {}
         for spec in self.manifest.arrays:
             start, stop = shard.axis_range(spec.axis, self.geometry)
             block = self._fit(spec, shard, values[spec.name], stop - start)
-            if block.shape[len(spec.leading)]:
-                self._write_block(spec, start, block)
+            checksums[spec.name] = self._write_block(spec, shard, start, block)
             crash_point("mid-write")
         crash_point("before-marker")
         marker = {
             "range": shard.to_dict(),
             "checksum": CHECKSUM,
-            "checksums": shard_checksums(self.path, self.manifest, shard),
+            "checksums": checksums,
             "stats": dict(stats or {}),
             "written_at": utcnow(),
             "writer": f"pid {os.getpid()} on {socket.gethostname()}",
@@ -302,22 +303,30 @@ class StoreWriter:
             data = to_bfloat16_bits(data)
         return data.astype(spec.physical_dtype, copy=False)
 
-    def _write_block(self, spec: ArraySpec, start: int, block: np.ndarray) -> None:
-        """Write a shard's block from `start` on the split axis; the shard owns those whole chunks.
+    def _write_block(self, spec: ArraySpec, shard: ShardRange, start: int, block: np.ndarray) -> dict[str, str | None]:
+        """Write a shard's block from `start` on the split axis; returns its chunk files' checksums.
 
-        The unused tail of a token block's last chunk is written as the fill value, never read.
+        The shard owns those whole chunks; the unused tail of a token block's last chunk is
+        written as the fill value, never read.
         """
         files = self._chunk_files(spec)
-        if files is None:
-            index = (*(slice(None) for _ in spec.leading), slice(start, start + block.shape[len(spec.leading)]))
-            self._zarr_group()[spec.name][index] = block
-            return
-        step = files.chunks[len(spec.leading)]
+        axis = len(spec.leading)
+        if files is None:  # a codec chunkio does not write: through zarr, checksums read back
+            if block.shape[axis]:
+                index = (*(slice(None) for _ in spec.leading), slice(start, start + block.shape[axis]))
+                self._zarr_group()[spec.name][index] = block
+            return array_checksums(self.path, spec, shard, self.geometry)
+        step = files.chunks[axis]
         tail = (0,) * len(spec.trailing)
+        written: dict[str, str | None] = {}
         for lead in itertools.product(*(range(n) for n in spec.leading)):
             rows = block[lead]
             for offset in range(0, rows.shape[0], step):
-                files.write((*lead, (start + offset) // step, *tail), rows[offset : offset + step])
+                coords = (*lead, (start + offset) // step, *tail)
+                written[chunk_key(coords)] = files.write(coords, rows[offset : offset + step])
+        if set(written) != set(spec.shard_chunks(shard, self.geometry)):
+            raise LayoutMismatchError(f"shard {shard.index}, array {spec.name!r}: chunks written differ from its plan")
+        return written
 
     def _chunk_files(self, spec: ArraySpec) -> ChunkFiles | None:
         if spec.name not in self._files:
