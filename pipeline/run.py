@@ -10,7 +10,10 @@ released, nothing committed) and the shards already handed to the writer are com
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
+import functools
 import gc
 import os
 import queue
@@ -187,6 +190,7 @@ def run_shards(
                     pool.give_back(writing)
                 writing = buffers
                 stats.shards_written += 1
+                _trim_heap()
     finally:
         gc.unfreeze()
         background.close()
@@ -217,6 +221,26 @@ def _claimable(
             background.check()
             # The rest is held by other live processes (or our own writer thread): wait for commits.
             time.sleep(_WAIT_SECONDS)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _trim_heap() -> None:
+    """Give the heap's free memory back to the OS (glibc), once a shard.
+
+    Batches of every length allocate and free activations of every size; glibc keeps the
+    freed memory, fragmented, so without this peak RSS creeps up with the number of shards
+    (+14% at 4x the data, measured) instead of staying flat. Dask's workers do the same.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 class _BufferPool:
