@@ -199,7 +199,10 @@ class StoreWriter:
         claim_file = self.path / SHARDS_DIR / f"{index:06d}{CLAIM_SUFFIX}"
         fd = try_flock(claim_file)
         if fd is None:
-            holder = claim_file.read_text(errors="replace").strip() or "another process"
+            try:
+                holder = claim_file.read_text(errors="replace").strip() or "another process"
+            except FileNotFoundError:  # released between our attempt and this read
+                holder = "another process (released it just now)"
             raise ShardClaimedError(
                 f"shard {index} of store {self.key} is being written by {holder}. It will be done "
                 "when that process finishes; run again afterwards to pick up anything it left."

@@ -30,6 +30,7 @@ from cache import (
     remove_store,
     verify,
 )
+from cache import writer as writer_module
 from cache.chunkio import ChunkFiles
 from cache.integrity import marker_path
 from cache.paths import alias_path, cache_root
@@ -328,6 +329,18 @@ def test_claim_is_exclusive_and_taken_over_from_a_dead_process(_cache_root: Path
         holder.wait()
     write_shard(writer, data, 0)  # the dead holder's claim is taken over
     assert 0 in writer.done_shards()
+
+
+def test_a_claim_released_while_we_look_is_still_just_taken(_cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The holder (another process, or this one's writer thread) may finish between our lock
+    attempt and reading its name: that is a held shard, not a crash."""
+    writer = open_writer(_cache_root, synthetic())
+    monkeypatch.setattr(writer_module, "try_flock", lambda path: None)  # the lock was held ...
+    assert not list((writer.path / "shards").glob("*.claim"))  # ... and its file is gone now
+    with pytest.raises(ShardClaimedError, match="released it just now"):
+        with writer.claim(0):
+            pass
+    assert writer.try_claim(writer.geometry.shards[0]) is None
 
 
 def test_crash_leftovers_are_ignored_and_cleaned(_cache_root: Path) -> None:
