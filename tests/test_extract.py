@@ -126,7 +126,13 @@ def test_float16_storage_is_within_float16_rounding(tiny_dir: Any, texts_file: P
         expected = torch.stack(stacks["encoder"])[[0, 2], 0]
         got = acts.example(i).hidden["encoder"]
         assert got.dtype == np.float16
-        np.testing.assert_array_equal(got, expected.to(torch.float16).numpy())
+        # The pipeline ran the text in a padded batch, this forward alone: float32 values that
+        # differ by ~1e-7 can round to neighbouring float16 values, so exact for almost all,
+        # and never more than one float16 step apart.
+        want = expected.to(torch.float16).numpy()
+        ulp = np.spacing(np.abs(want)).astype(np.float32)
+        assert np.all(np.abs(got.astype(np.float32) - want.astype(np.float32)) <= ulp)
+        assert np.mean(got == want) > 0.99
 
 
 def test_real_minilm_pooled_equals_sentence_transformers(minilm_path: Path, tmp_path: Path) -> None:
