@@ -20,6 +20,7 @@ import transformers
 from cache import open_activations, verify
 from pipeline.extract import ExtractConfig, extract
 from schemas import ConfigError
+from tests.checks import assert_float16_of
 from tests.texts import SENTENCES
 
 pytestmark = pytest.mark.integration
@@ -124,15 +125,7 @@ def test_float16_storage_is_within_float16_rounding(tiny_dir: Any, texts_file: P
     for i in (0, 5, 9):
         _, stacks, _ = direct_forward(path, "xlmr", (SENTENCES * 2)[i])
         expected = torch.stack(stacks["encoder"])[[0, 2], 0]
-        got = acts.example(i).hidden["encoder"]
-        assert got.dtype == np.float16
-        # The pipeline ran the text in a padded batch, this forward alone: float32 values that
-        # differ by ~1e-7 can round to neighbouring float16 values, so exact for almost all,
-        # and never more than one float16 step apart.
-        want = expected.to(torch.float16).numpy()
-        ulp = np.spacing(np.abs(want)).astype(np.float32)
-        assert np.all(np.abs(got.astype(np.float32) - want.astype(np.float32)) <= ulp)
-        assert np.mean(got == want) > 0.99
+        assert_float16_of(acts.example(i).hidden["encoder"], expected)
 
 
 def test_real_minilm_pooled_equals_sentence_transformers(minilm_path: Path, tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -26,6 +25,7 @@ from pipeline.datasets import XNLI_LANGUAGES, load_examples, resolve_dataset
 from pipeline.extract import ExtractConfig, ExtractResult, extract
 from schemas import ModelNotAvailableError
 from tests import hfcache
+from tests.checks import assert_float16_of
 from tests.texts import SENTENCES
 
 pytestmark = pytest.mark.integration
@@ -75,8 +75,7 @@ def test_make_extract_labse_xnli_runs_offline_end_to_end(home: Path, tmp_path: P
     text = SAMPLE_ROWS[[r["language"] for r in SAMPLE_ROWS].index(ex.metadata["language"]) + ex.metadata["row"]]
     with torch.no_grad():
         states = direct(**tokenizer([text[ex.metadata["field"]]], return_tensors="pt"), output_hidden_states=True)
-    expected = torch.stack(states.hidden_states)[:, 0].to(torch.float16).numpy()
-    np.testing.assert_array_equal(ex.hidden["encoder"], expected)
+    assert_float16_of(ex.hidden["encoder"], torch.stack(states.hidden_states)[:, 0])
 
 
 @pytest.mark.parametrize("key", ["llama3", "mt5", "xlmr", "mbert", "minilm"])
