@@ -177,14 +177,15 @@ class Activations:
 
         spec = self._spec(name)
         files = self._files(spec)
+        if files is not None and not lazy and len(lead) == len(spec.leading):
+            return self._read(spec, files, lead, 0, self._span(spec))
         if files is not None:
-            if not lazy and len(lead) == len(spec.leading):
-                return self._read(spec, files, lead, 0, self._span(spec))
-            return self._direct(spec, files, lead)
-        array = self._dask(name)[lead] if lead else self._dask(name)
-        axis = len(spec.leading) - len(lead)
-        pieces = [array[(slice(None),) * axis + (slice(a, b),)] for a, b in self._pieces(spec)]
-        view = pieces[0] if len(pieces) == 1 else da.concatenate(pieces, axis=axis)
+            view = self._direct(spec, files, lead)
+        else:
+            array = self._dask(name)[lead] if lead else self._dask(name)
+            axis = len(spec.leading) - len(lead)
+            pieces = [array[(slice(None),) * axis + (slice(a, b),)] for a, b in self._pieces(spec)]
+            view = pieces[0] if len(pieces) == 1 else da.concatenate(pieces, axis=axis)
         return view if lazy else view.compute()
 
     def _files(self, spec: ArraySpec) -> ChunkFiles | None:
