@@ -82,14 +82,14 @@ def tokenize_examples(
         result["length"] = [len(ids) for ids in out["input_ids"]]
         # Only an example cut to exactly max_length can have been truncated: count the whole
         # text of those few again instead of tokenizing every text twice.
-        full = [n >= max_length for n in result["length"]]
-        maybe = [i for i, hit in enumerate(full) if hit]
+        truncated = [False] * len(result["length"])
+        maybe = [i for i, n in enumerate(result["length"]) if n >= max_length]
         if maybe:
             again = [[col[i] for i in maybe] for col in args]
             raw = [tokenizer(col, add_special_tokens=False)["input_ids"] for col in again]
             for j, i in enumerate(maybe):
-                full[i] = sum(len(col[j]) for col in raw) + specials > max_length
-        result["truncated"] = full
+                truncated[i] = sum(len(col[j]) for col in raw) + specials > max_length
+        result["truncated"] = truncated
         return result
 
     dataset = datasets.Dataset.from_dict(columns)
