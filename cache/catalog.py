@@ -12,7 +12,7 @@ from typing import Any
 from cache.files import flocked, lock_path, read_json, write_json
 from cache.keys import is_key
 from cache.paths import alias_path, cache_root, store_path
-from schemas import ActcacheError, StoreNotFoundError
+from schemas import ActcacheError, StoreNotFoundError, UnsafePathError
 from schemas.store import ALIASES_DIR, MANIFEST_FILE, STORE_SUFFIX, STORES_DIR, Manifest
 
 __all__ = [
@@ -145,6 +145,12 @@ def remove_store(ref: str | os.PathLike[str], root: Path | None = None) -> Path:
     """Delete a store (by key, alias or path) and drop it from its aliases; returns its path."""
     root = root or cache_root()
     path = find_store(ref, root)
+    if path.is_symlink():
+        raise UnsafePathError(
+            f"{str(path)!r} is a symbolic link (to {os.readlink(path)!r}); actcache never deletes through a "
+            "link, since what it points to may not be ours. Fix: remove the link itself (rm PATH), and the "
+            "store it points to with `actcache rm` on its real path."
+        )
     key = path.name.removesuffix(STORE_SUFFIX)
     shutil.rmtree(path)
     lock_path(path).unlink(missing_ok=True)
@@ -163,7 +169,7 @@ def gc(older_than_days: float, root: Path | None = None) -> list[Path]:
     cutoff = dt.datetime.now().timestamp() - older_than_days * 86400
     removed = []
     for path in sorted((root / STORES_DIR).glob("*")):
-        if not path.is_dir() or _newest_mtime(path) > cutoff:
+        if path.is_symlink() or not path.is_dir() or _newest_mtime(path) > cutoff:  # never through a link
             continue
         if path.name.endswith(".incomplete") or not _is_complete(path):
             if path.name.endswith(STORE_SUFFIX):

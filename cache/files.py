@@ -123,7 +123,9 @@ def crash_point(name: str) -> None:
     """Fault injection: with ACTCACHE_CRASH_AT=NAME[:N], SIGKILL this process the N-th time it passes NAME.
 
     The chaos tests use it to die exactly mid-write, between a shard's chunks and its
-    marker, or mid-finalize; unset (always, in real use) it does nothing.
+    marker, or mid-finalize; ACTCACHE_CRASH_SIGNAL=SIGTERM (or SIGINT) sends that signal
+    instead, once, so a graceful stop is tested at an exact moment. Unset (always, in real
+    use) it does nothing.
     """
     wanted = os.environ.get("ACTCACHE_CRASH_AT")
     if not wanted:
@@ -131,5 +133,5 @@ def crash_point(name: str) -> None:
     target, _, count = wanted.partition(":")
     if target == name:
         _passes[name] += 1
-        if _passes[name] >= int(count or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if _passes[name] == int(count or 1):
+            os.kill(os.getpid(), getattr(signal, os.environ.get("ACTCACHE_CRASH_SIGNAL") or "SIGKILL"))

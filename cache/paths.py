@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 
 from schemas import CacheDirError, ConfigError
-from schemas.store import ALIASES_DIR, STORE_SUFFIX, STORES_DIR
+from schemas.store import ALIASES_DIR, HASHES_DIR, STORE_SUFFIX, STORES_DIR
 
-__all__ = ["alias_name", "alias_path", "cache_root", "ensure_writable", "store_path"]
+__all__ = ["alias_name", "alias_path", "cache_root", "ensure_writable", "hash_memo_path", "store_path"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -47,6 +47,13 @@ def alias_name(model: str, data: str) -> str:
 
 def alias_path(root: Path, alias: str) -> Path:
     return root / ALIASES_DIR / f"{_slug(alias)}.json"
+
+
+def hash_memo_path(root: Path, directory: Path) -> Path:
+    """Where the file digests of model `directory` are remembered under `root` (one file per directory)."""
+    import hashlib
+
+    return root / HASHES_DIR / f"{hashlib.sha256(str(directory).encode()).hexdigest()[:32]}.json"
 
 
 def ensure_writable(root: Path) -> Path:

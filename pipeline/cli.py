@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from schemas import ActcacheError
@@ -35,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an error, not just its line")
+    parser.set_defaults(debug=False)
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: `actcache extract ... --debug` works too, without resetting `actcache --debug extract`.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    commands = _Commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True), common)
     models = commands.add_parser("models", help="list the registered models and how each loads")
     models.set_defaults(func=_cmd_models)
     _add_extract(commands)
@@ -63,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--older-than", type=float, default=7.0, metavar="DAYS", help="age in days (default 7)")
         sub.set_defaults(func=func)
     return parser
+
+
+class _Commands:
+    """The subparsers action, each command given the options every command takes (`--debug`)."""
+
+    def __init__(self, action: Any, common: argparse.ArgumentParser) -> None:
+        self.action, self.common = action, common
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[self.common], **kwargs)
 
 
 EXTRACT_HELP = """\
@@ -177,7 +194,7 @@ def _add_extract(commands: Any) -> None:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from pipeline.extract import ExtractConfig, extract
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
     if fields.get("text_columns"):
         fields["text_columns"] = tuple(fields["text_columns"])
     result = extract(ExtractConfig(**fields))
@@ -272,21 +289,69 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `actcache` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM outside a run: unwind like Ctrl-C (files closed, claims released), exit 143."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _process_signals() -> Iterator[None]:
+    """The CLI's process set-up, undone on exit: SIGTERM unwinds like Ctrl-C, a file-size limit fails the write."""
+    handlers: dict[signal.Signals, Any] = {signal.SIGTERM: _terminate}
+    if hasattr(signal, "SIGXFSZ"):  # without this the kernel kills the process instead of failing the write
+        handlers[signal.SIGXFSZ] = signal.SIG_IGN
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _explain(exc: BaseException) -> tuple[str, int]:
+    """One line for an error that reached the top, and the exit status it gets."""
     from pipeline.run import Interrupted
 
-    if hasattr(signal, "SIGXFSZ"):  # a file-size limit should fail the write, not kill the process
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if isinstance(exc, Interrupted):
+        return f"actcache: {exc}", 128 + exc.signum
+    if isinstance(exc, KeyboardInterrupt):
+        signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
+        what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        return (
+            f"actcache: stopped by {what}; committed shards are kept. Rerun the same command to continue.",
+            128 + signum,
+        )
+    if isinstance(exc, ActcacheError):
+        return f"actcache: error: {exc}", 2
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename!s})" if exc.filename else ""
+        return (
+            f"actcache: error: {exc.strerror or exc}{where}. Fix: check that path (its permissions, the disk, "
+            "a link that points elsewhere); rerun with --debug for the traceback.",
+            1,
+        )
+    return (
+        f"actcache: error: unexpected {type(exc).__name__}: {exc}. Rerun with --debug for the traceback, "
+        "and report it with the command you ran.",
+        1,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `actcache` console script; returns the exit status.
+
+    Every error ends as one line naming the problem and the fix (`--debug` adds the traceback).
+    """
+    args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
-    except Interrupted as exc:
-        print(f"actcache: {exc}", file=sys.stderr)
-        return 130
-    except ActcacheError as exc:
-        print(f"actcache: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("actcache: interrupted", file=sys.stderr)
-        return 130
+        with _process_signals():
+            return int(args.func(args))
+    except (Exception, KeyboardInterrupt) as exc:
+        message, status = _explain(exc)
+        if args.debug:
+            traceback.print_exc()
+        print(message, file=sys.stderr)
+        return status

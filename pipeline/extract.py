@@ -24,6 +24,9 @@ from cache.catalog import read_manifest
 from cache.files import crash_point
 from cache.paths import alias_name, ensure_writable
 from pipeline.datasets import resolve_dataset
+from pipeline.models.helpers import coerce_device
+from pipeline.models.hub import load_config
+from pipeline.models.quantization import check_quantizable
 from pipeline.plan import DEFAULT_MAX_FULL_LOGITS_GB, DEFAULT_SHARD_TOKENS, check_full_logits, plan
 from pipeline.reduce import POOLING_BY_STACK, STACKS_BY_ARCH, Reducer
 from pipeline.resolve import Resolved, resolve
@@ -116,6 +119,7 @@ def _extract(cfg: ExtractConfig, out: TextIO, gc_enabled: bool) -> ExtractResult
         quantization=cfg.quantization,
         trust_remote_code=cfg.trust_remote_code,
         allow_pickle=cfg.allow_pickle,
+        cache_dir=root,
     )
     stages.lap("resolve")
     path = store_path(root, resolved.key)
@@ -130,6 +134,13 @@ def _extract(cfg: ExtractConfig, out: TextIO, gc_enabled: bool) -> ExtractResult
         return ExtractResult(resolved.key, path, True, manifest, summary)
 
     say(f"{alias}: {len(resolved.examples)} examples, model {resolved.spec.hf_id} -> key {resolved.key}")
+    if resolved.quant_bits:  # a layer bitsandbytes cannot take on this device fails now, before any work
+        check_quantizable(
+            load_config(resolved.checkpoint.path, trust_remote_code=cfg.trust_remote_code),
+            resolved.quant_bits,
+            coerce_device(cfg.device),
+            model_name=resolved.spec.name,
+        )
     tokenized = tokenize_examples(
         resolved.examples,
         resolved.tokenizer,

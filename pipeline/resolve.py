@@ -8,6 +8,7 @@ model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cache import cache_key
@@ -69,7 +70,9 @@ def resolve(
     quantization: bool | int | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    cache_dir: Path | None = None,
 ) -> Resolved:
+    """Decide everything about a request without loading the model; `cache_dir` remembers weight-file digests."""
     spec = resolve_spec(model)
     dtype_name = parse_dtype_name(dtype) if dtype is not None else spec.dtype
     resolve_dtype(dtype_name)
@@ -84,7 +87,7 @@ def resolve(
     tok_hash = tokenizer_hash(tokenizer)
     examples = load_examples(dataset)
     model_identity = {
-        **checkpoint.identity(),
+        **checkpoint.identity(memo_dir=cache_dir),
         "arch": spec.arch,
         "dtype": dtype_name,
         "quantization": bits,

@@ -3,7 +3,7 @@
 Inside a shard, batches are formed by length (longest first) so little compute goes to
 padding; results are placed back in dataset order in the shard's buffers. A bounded
 background thread writes and commits finished shards while the model computes the next
-one. Ctrl-C stops after the batch in hand: the shard in progress is dropped (its claim
+one. Ctrl-C (or SIGTERM) stops after the batch in hand: the shard in progress is dropped (its claim
 released, nothing committed) and the shards already handed to the writer are committed.
 """
 
@@ -44,7 +44,11 @@ _NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 class Interrupted(ActcacheError):
-    """The run was stopped by Ctrl-C; committed shards are kept, rerun to continue."""
+    """The run was stopped by a signal (Ctrl-C, SIGTERM); committed shards are kept, rerun to continue."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass
@@ -58,27 +62,42 @@ class RunStats:
     write_seconds: float = 0.0  # the background writer's busy time
 
 
+# What SLURM, Kubernetes and systemd send before a kill is handled like Ctrl-C.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class _StopFlag:
-    """SIGINT sets the flag once; a second Ctrl-C interrupts at once."""
+    """The first SIGINT or SIGTERM sets the flag (stop after the batch in hand); a second acts as if we were absent."""
 
     def __init__(self) -> None:
-        self.stop = False
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def stop(self) -> bool:
+        return self.signum is not None
 
     def __call__(self, signum: int, frame: Any) -> None:
         if self.stop:
-            raise KeyboardInterrupt
-        self.stop = True
+            signal.signal(signum, self._previous[signum])
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    def describe(self) -> str:
+        return "Ctrl-C" if self.signum == signal.SIGINT else signal.Signals(self.signum or signal.SIGTERM).name
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.signal(signal.SIGINT, self)
+        self._previous = {signum: signal.signal(signum, self) for signum in STOP_SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous)
 
 
 class _BackgroundWriter:
@@ -196,10 +215,11 @@ def run_shards(
         background.close()
         stats.seconds = time.perf_counter() - started
         stats.write_seconds = background.busy
-    if flag.stop:
+    if flag.signum is not None:
         raise Interrupted(
-            f"stopped by Ctrl-C after {stats.shards_written} shard(s) were committed; rerun the same "
-            "command to continue from there."
+            f"stopped by {flag.describe()} after {stats.shards_written} shard(s) were committed; rerun the same "
+            "command to continue from there.",
+            flag.signum,
         )
     return stats
 

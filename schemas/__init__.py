@@ -18,6 +18,7 @@ from schemas.errors import (
     StoreNotFoundError,
     UnknownModelError,
     UnsafeCheckpointError,
+    UnsafePathError,
 )
 from schemas.model import ARCHS, ModelOutputs, ModelSpec, parse_arch, parse_dtype_name
 from schemas.request import ExtractionRequest, OutputSpec
@@ -45,6 +46,7 @@ __all__ = [
     "StoreNotFoundError",
     "UnknownModelError",
     "UnsafeCheckpointError",
+    "UnsafePathError",
     "parse_arch",
     "parse_dtype_name",
 ]

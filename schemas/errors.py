@@ -17,6 +17,7 @@
         ├── StoreCorruptError                     manifest, marker or chunk fails its checksum
         ├── SchemaVersionError                    written by a schema version we cannot read
         ├── LayoutMismatchError (ValueError)      data that does not fit the store's layout
+        ├── UnsafePathError                       a path actcache will not follow or delete (a symbolic link)
         ├── CacheDirError (OSError)               the cache dir cannot be created or written
         └── StoreFullError (OSError)              the disk (or a file-size limit) ran out mid-write
 
@@ -43,6 +44,7 @@ __all__ = [
     "StoreNotFoundError",
     "UnknownModelError",
     "UnsafeCheckpointError",
+    "UnsafePathError",
 ]
 
 
@@ -107,6 +109,10 @@ class SchemaVersionError(CacheError):
 
 class LayoutMismatchError(CacheError, ValueError):
     """Data handed to the writer does not fit the store's layout."""
+
+
+class UnsafePathError(CacheError):
+    """A path actcache will not follow or delete: a symbolic link where a store should be."""
 
 
 class CacheDirError(CacheError, OSError):

@@ -41,6 +41,7 @@ __all__ = [
     "CHUNK_KEY_ENCODING",
     "CLAIM_SUFFIX",
     "EXAMPLES_FILE",
+    "HASHES_DIR",
     "LOGITS_ENTROPY",
     "LOGITS_FULL",
     "LOGITS_TARGET_LOGPROB",
@@ -77,6 +78,7 @@ SUPPORTED_SCHEMA_VERSIONS = (1,)
 
 STORES_DIR = "stores"
 ALIASES_DIR = "aliases"
+HASHES_DIR = "hashes"  # remembered SHA-256 digests of local model files (see pipeline.models.hub.content_hash)
 STORE_SUFFIX = ".zarr"
 MANIFEST_FILE = "manifest.json"
 EXAMPLES_FILE = "examples.parquet"

@@ -21,7 +21,7 @@ LAYERS = 2
 MAX_LEN = 64
 VOCAB = 300
 
-FAMILIES = ("bert", "bert_plain", "xlmr", "mt5", "llama")
+FAMILIES = ("bert", "bert_plain", "xlmr", "mt5", "llama", "llama_wide")
 
 
 def _train(tokenizer: Tokenizer, trainer: trainers.Trainer) -> Tokenizer:
@@ -131,14 +131,23 @@ def build_mt5() -> tuple[torch.nn.Module, transformers.PreTrainedTokenizerBase]:
     return transformers.MT5ForConditionalGeneration(config), tokenizer
 
 
-def build_llama() -> tuple[torch.nn.Module, transformers.PreTrainedTokenizerBase]:
+def build_llama(hidden: int = HIDDEN) -> tuple[torch.nn.Module, transformers.PreTrainedTokenizerBase]:
     tokenizer = llama_tokenizer()
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=LAYERS,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LEN * 2,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(config), tokenizer
+
+
+def build_llama_wide() -> tuple[torch.nn.Module, transformers.PreTrainedTokenizerBase]:
+    """A Llama whose every quantized layer fits bitsandbytes' packed AVX512-BF16 4-bit kernel.
+
+    That kernel needs in_features % 64 == 0 and out_features % 32 == 0: q/o 64 -> 64, k/v
+    64 -> 32 (2 kv heads of 16), gate/up 64 -> 128, down 128 -> 64.
+    """
+    return build_llama(hidden=2 * HIDDEN)
 
 
 BUILDERS: dict[str, Callable[[], tuple[torch.nn.Module, transformers.PreTrainedTokenizerBase]]] = {
@@ -147,6 +156,7 @@ BUILDERS: dict[str, Callable[[], tuple[torch.nn.Module, transformers.PreTrainedT
     "xlmr": build_xlmr,
     "mt5": build_mt5,
     "llama": build_llama,
+    "llama_wide": build_llama_wide,
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.models import coerce_device, load_model, resolve_dtype
-from pipeline.models.helpers import bitsandbytes_config
+from pipeline.models.quantization import bitsandbytes_config
 from schemas import (
     ActcacheError,
     CheckpointError,

@@ -92,7 +92,7 @@ def test_minilm_l6_matches_sentence_transformers(minilm_path: Path) -> None:
 def test_bitsandbytes_quantized_llama_runs_close_to_fp32(
     tiny_dir: Any, bits: int, layer_class: str, min_cosine: float
 ) -> None:
-    path = tiny_dir("llama")
+    path = tiny_dir("llama_wide")  # layer shapes that every bitsandbytes CPU kernel takes
     full = load_model(path, device="cpu", dtype="fp32")
     quantized = load_model(path, device="cpu", dtype="fp32", quantization=bits)
     assert quantized.quant_bits == bits
@@ -146,3 +146,41 @@ def test_directory_arch_is_inferred(tiny_dir: Any, tmp_path: Path) -> None:
     assert spec_from_directory(tiny_dir("xlmr")).arch == "encoder_only"
     config = json.loads((tiny_dir("bert") / "config.json").read_text())
     assert config["architectures"] == ["BertForMaskedLM"]
+
+
+def test_weight_digests_are_remembered_so_a_rerun_reads_only_changed_files(
+    tiny_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.models import hub
+
+    model = shutil.copytree(tiny_dir("bert"), tmp_path / "model")
+    read: list[str] = []
+    real = hub._file_sha256
+    monkeypatch.setattr(hub, "_file_sha256", lambda path: read.append(path.name) or real(path))
+    memo = tmp_path / "cache"
+    first = hub.content_hash(model, memo)
+    n_files = len(read)
+    assert n_files >= 3 and list((memo / "hashes").glob("*.json"))
+    assert hub.content_hash(model, memo) == first and len(read) == n_files, "nothing changed, nothing read"
+    with open(model / "config.json", "a") as fh:
+        fh.write("\n")
+    changed = hub.content_hash(model, memo)
+    assert changed != first and read[n_files:] == ["config.json"], "only the changed file is read again"
+    assert changed == hub.content_hash(model) == hub.content_hash(model, tmp_path / "fresh"), "the memo is exact"
+
+
+def test_a_cache_hit_on_a_local_directory_reads_no_weights(
+    tiny_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.extract import ExtractConfig, extract
+    from pipeline.models import hub
+
+    data = tmp_path / "texts.jsonl"
+    data.write_text('{"text": "Hello world."}\n', encoding="utf-8")
+    cfg = ExtractConfig(model=str(tiny_dir("bert")), data=str(data), cache_dir=str(tmp_path / "c"), quiet=True)
+    first = extract(cfg)
+    read: list[str] = []
+    real = hub._file_sha256
+    monkeypatch.setattr(hub, "_file_sha256", lambda path: read.append(path.name) or real(path))
+    again = extract(cfg)
+    assert again.cache_hit and again.key == first.key and read == []

@@ -211,3 +211,41 @@ def test_a_key_that_does_not_exist_is_a_clear_error(tmp_path: Path) -> None:
             cwd=REPO, env=chaos._env(), capture_output=True, text=True,
         )  # fmt: skip
         assert done.returncode == 2 and f"no store '{'0' * 32}'" in done.stderr and "actcache ls" in done.stderr
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=REPO, env=chaos._env(), capture_output=True, text=True
+    )
+
+
+def test_rm_of_a_store_that_is_a_symbolic_link_deletes_nothing(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "not-ours"
+    (elsewhere / "sub").mkdir(parents=True)
+    (elsewhere / "manifest.json").write_text("{}")
+    (elsewhere / "sub" / "data.txt").write_text("keep me")
+    key = "1" * 32
+    (tmp_path / "root" / "stores").mkdir(parents=True)
+    link = tmp_path / "root" / "stores" / f"{key}.zarr"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    for ref in (key, str(link)):
+        done = _cli("rm", ref, "--cache-dir", str(tmp_path / "root"))
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        [line] = done.stderr.strip().splitlines()
+        assert "is a symbolic link" in line and "never deletes through a link" in line
+    assert (elsewhere / "sub" / "data.txt").read_text() == "keep me" and link.is_symlink()
+    assert _cli("gc", "--older-than", "0", "--cache-dir", str(tmp_path / "root")).returncode == 0
+    assert (elsewhere / "sub" / "data.txt").read_text() == "keep me" and link.is_symlink()
+
+
+def test_an_os_failure_is_one_line_and_debug_shows_the_traceback(workdir: Any, tmp_path: Path) -> None:
+    model, data, _clean = workdir
+    args = ["extract", "--model", str(model), "--data", str(data), "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    bad = str(tmp_path / "no-such-dir" / "summary.json")
+    done = _cli(*args, "--summary-json", bad)
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("actcache: error: No such file or directory") and bad in line and "--debug" in line
+    debug = _cli(*args, "--summary-json", bad, "--debug")
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == line

@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from pipeline.models.helpers import bitsandbytes_config, coerce_device, resolve_dtype
-from pipeline.models.hub import ResolvedCheckpoint, check_weights, resolve_checkpoint
+from pipeline.models.helpers import coerce_device, resolve_dtype
+from pipeline.models.hub import ResolvedCheckpoint, check_weights, load_config, resolve_checkpoint
+from pipeline.models.quantization import bitsandbytes_config, check_quantizable, probe_quantized
 from schemas import CheckpointError, ConfigError, ModelOutputs, ModelSpec
 from schemas.model import parse_quant_bits
 
@@ -169,6 +170,8 @@ class BaseModelRunner(ABC):
         if self.quant_bits:
             options["quantization_config"] = bitsandbytes_config(self.quant_bits, self.device, self.dtype)
             options["device_map"] = {"": self.device}
+            config = load_config(self.checkpoint.path, trust_remote_code=self.trust_remote_code)
+            check_quantizable(config, self.quant_bits, self.device, model_name=self.spec.name)
         try:
             with quiet_transformers():
                 loaded = auto_class.from_pretrained(str(self.checkpoint.path), **options, **kwargs)
@@ -177,7 +180,9 @@ class BaseModelRunner(ABC):
                 f"could not load {str(self.checkpoint.path)!r} as {auto_class.__name__}: {exc}"
             ) from exc
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        if not self.quant_bits:
+        if self.quant_bits:
+            probe_quantized(model, self.dtype, model_name=self.spec.name)
+        else:
             model.to(self.device)
         return loaded
 

@@ -1,16 +1,15 @@
-"""Small translations shared by the runners: user strings -> torch dtypes, devices, quantization configs."""
+"""Small translations shared by the runners: user strings -> torch dtypes and devices."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import torch
 
-from schemas import ConfigError, QuantizationUnsupportedError
-from schemas.model import DTYPE_ALIASES, parse_dtype_name, parse_quant_bits
+from schemas import ConfigError
+from schemas.model import DTYPE_ALIASES, parse_dtype_name
 
-__all__ = ["bitsandbytes_config", "coerce_device", "resolve_dtype"]
+__all__ = ["coerce_device", "resolve_dtype"]
 
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DEVICE_FORMS = "'auto', 'cpu', 'cuda', 'cuda:N', an int N (= 'cuda:N'), 'mps', or a torch.device"
@@ -64,28 +63,3 @@ def coerce_device(value: str | int | torch.device | None = None) -> torch.device
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device 'mps' asked for, but MPS is not available here. Fix: use 'cpu' or 'auto'.")
     return device
-
-
-def bitsandbytes_config(bits: int, device: torch.device, compute_dtype: torch.dtype) -> Any:
-    """A `BitsAndBytesConfig` for `bits` (8 or 4), after checking bitsandbytes can run on `device`."""
-    parse_quant_bits(bits)
-    try:
-        import bitsandbytes
-    except ImportError as exc:
-        raise QuantizationUnsupportedError(
-            f"{bits}-bit loading needs bitsandbytes, which cannot be imported here ({exc}). "
-            "Fix: pip install 'bitsandbytes>=0.45', or load without quantization "
-            "(quantization=False, --no-quantize)."
-        ) from None
-    supported = set(getattr(bitsandbytes, "supported_torch_devices", {"cuda"}))
-    if device.type not in supported:
-        raise QuantizationUnsupportedError(
-            f"bitsandbytes {bitsandbytes.__version__} cannot run {bits}-bit layers on "
-            f"{str(device)!r}; it supports {', '.join(sorted(supported))}. Fix: load on one of "
-            "those devices, or without quantization (quantization=False, --no-quantize)."
-        )
-    from transformers import BitsAndBytesConfig
-
-    if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)

@@ -8,15 +8,17 @@ Loading then happens from that directory only, so transformers never goes to the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from cache.files import write_json
+from cache.paths import hash_memo_path
 from schemas import CheckpointError, ModelNotAvailableError, ModelSpec, UnsafeCheckpointError
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "content_hash",
     "hf_cache_dir",
     "is_offline",
+    "load_config",
     "read_config",
     "resolve_checkpoint",
 ]
@@ -50,11 +53,11 @@ class ResolvedCheckpoint:
     source: Literal["local", "package", "hub"]
     revision: str | None = None
 
-    def identity(self) -> dict[str, str]:
-        """What pins these weights: the Hub commit, else a hash of the files."""
+    def identity(self, memo_dir: Path | None = None) -> dict[str, str]:
+        """What pins these weights: the Hub commit, else a hash of the files (digests remembered under `memo_dir`)."""
         if self.revision is not None:
             return {"hf_id": self.hf_id, "revision": self.revision}
-        return {"hf_id": self.hf_id, "content_hash": content_hash(self.path)}
+        return {"hf_id": self.hf_id, "content_hash": content_hash(self.path, memo_dir)}
 
 
 def is_offline() -> bool:
@@ -152,6 +155,19 @@ def read_config(path: Path) -> dict[str, Any]:
         ) from None
 
 
+def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
+    """The transformers config object of a model directory (no weights read)."""
+    from transformers import AutoConfig
+
+    read_config(path)  # a missing or broken config.json gets its own message
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"transformers cannot read the config of {str(path)!r}: {exc}. Fix: rewrite it with save_pretrained()."
+        ) from exc
+
+
 def check_weights(path: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> bool:
     """Refuse directories that cannot be loaded safely; return True when weights are safetensors."""
     config = read_config(path)
@@ -177,21 +193,51 @@ def check_weights(path: Path, *, allow_pickle: bool = False, trust_remote_code: 
     return False
 
 
-def content_hash(path: Path) -> str:
-    """SHA-256 over the names and bytes of the files that determine a checkpoint's outputs."""
-    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in _IDENTITY_SUFFIXES)
-    signature = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    return _hash_files(Path(path), signature)
+def content_hash(path: Path, memo_dir: Path | None = None) -> str:
+    """SHA-256 over the names and SHA-256 digests of the files that determine a checkpoint's outputs.
 
-
-@lru_cache(maxsize=32)
-def _hash_files(root: Path, signature: tuple[tuple[str, int, int], ...]) -> str:
-    # Keyed by (path, size, mtime) so a multi-GB directory is read once per process.
+    With `memo_dir` (a cache root), each file's digest is remembered there under its
+    (size, mtime, ctime, inode), so a run reads only the files that changed since the last:
+    a cache hit on a 16 GB local directory reads none of it.
+    """
+    root = Path(path).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _IDENTITY_SUFFIXES)
+    memo_file = hash_memo_path(memo_dir, root) if memo_dir is not None else None
+    known = _read_memo(memo_file, root)
+    current: dict[str, dict[str, Any]] = {}
     digest = hashlib.sha256()
-    for name, _size, _mtime in signature:
-        digest.update(Path(name).relative_to(root).as_posix().encode() + b"\0")
-        with open(name, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
+    for file in files:
+        st = file.stat()
+        name = file.relative_to(root).as_posix()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        entry = known.get(name)
+        if not isinstance(entry, dict) or entry.get("stamp") != stamp:
+            entry = {"stamp": stamp, "sha256": _file_sha256(file)}
+        current[name] = entry
+        digest.update(f"{name}\0{entry['sha256']}\0".encode())
+    if memo_file is not None and current != known:
+        with contextlib.suppress(OSError):  # a read-only cache only costs the next run a rehash
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json(memo_file, {"directory": str(root), "files": current})
+    return digest.hexdigest()
+
+
+def _read_memo(memo_file: Path | None, root: Path) -> dict[str, Any]:
+    """The remembered digests of `root`'s files; empty when there are none or the file is unreadable."""
+    if memo_file is None:
+        return {}
+    try:
+        memo = json.loads(memo_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(memo, dict) or memo.get("directory") != str(root) or not isinstance(memo.get("files"), dict):
+        return {}
+    return dict(memo["files"])
+
+
+def _file_sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
     return digest.hexdigest()
