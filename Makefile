@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The local torch CPU wheel lives here on our machines; harmless where the folder is absent.
+# The local torch CPU wheel (torch==2.13.0+cpu, which the lock pins and PyPI does not serve) lives here.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check $(FIND_LINKS)
 # Every package of the environment at the version the suite is green with; pyproject.toml keeps the ranges.

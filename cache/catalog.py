@@ -145,12 +145,7 @@ def remove_store(ref: str | os.PathLike[str], root: Path | None = None) -> Path:
     """Delete a store (by key, alias or path) and drop it from its aliases; returns its path."""
     root = root or cache_root()
     path = find_store(ref, root)
-    if path.is_symlink():
-        raise UnsafePathError(
-            f"{str(path)!r} is a symbolic link (to {os.readlink(path)!r}); actcache never deletes through a "
-            "link, since what it points to may not be ours. Fix: remove the link itself (rm PATH), and the "
-            "store it points to with `actcache rm` on its real path."
-        )
+    _refuse_links(path)
     key = path.name.removesuffix(STORE_SUFFIX)
     shutil.rmtree(path)
     lock_path(path).unlink(missing_ok=True)
@@ -163,11 +158,24 @@ def remove_store(ref: str | os.PathLike[str], root: Path | None = None) -> Path:
     return path
 
 
+def _refuse_links(path: Path) -> None:
+    """`UnsafePathError` when the store, or the stores/ directory holding it, is a symbolic link."""
+    for link in (path, path.parent):
+        if link.is_symlink():
+            raise UnsafePathError(
+                f"{str(link)!r} is a symbolic link (to {os.readlink(link)!r}); actcache never deletes through a "
+                "link, since what it points to may not be ours. Fix: remove the link itself (rm PATH), and the "
+                "store it points to with `actcache rm` on its real path."
+            )
+
+
 def gc(older_than_days: float, root: Path | None = None) -> list[Path]:
     """Remove incomplete stores (and crashed creations) untouched for `older_than_days`."""
     root = root or cache_root()
     cutoff = dt.datetime.now().timestamp() - older_than_days * 86400
-    removed = []
+    removed: list[Path] = []
+    if (root / STORES_DIR).is_symlink():  # never through a link
+        return removed
     for path in sorted((root / STORES_DIR).glob("*")):
         if path.is_symlink() or not path.is_dir() or _newest_mtime(path) > cutoff:  # never through a link
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import traceback
@@ -313,17 +314,13 @@ def _process_signals() -> Iterator[None]:
 
 def _explain(exc: BaseException) -> tuple[str, int]:
     """One line for an error that reached the top, and the exit status it gets."""
-    from pipeline.run import Interrupted
+    from pipeline.run import RESUME_HINT, Interrupted, signal_name
 
     if isinstance(exc, Interrupted):
         return f"actcache: {exc}", 128 + exc.signum
     if isinstance(exc, KeyboardInterrupt):
         signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
-        what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-        return (
-            f"actcache: stopped by {what}; committed shards are kept. Rerun the same command to continue.",
-            128 + signum,
-        )
+        return f"actcache: stopped by {signal_name(signum)}; committed shards are kept, {RESUME_HINT}", 128 + signum
     if isinstance(exc, ActcacheError):
         return f"actcache: error: {exc}", 2
     if isinstance(exc, OSError):
@@ -349,9 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _process_signals():
             return int(args.func(args))
+    except BrokenPipeError:  # `actcache ls | head`: the reader left, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (Exception, KeyboardInterrupt) as exc:
         message, status = _explain(exc)
         if args.debug:
             traceback.print_exc()
-        print(message, file=sys.stderr)
+        print(" ".join(message.split()), file=sys.stderr)  # one line, whatever a cause's text holds
         return status

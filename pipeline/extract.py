@@ -140,6 +140,7 @@ def _extract(cfg: ExtractConfig, out: TextIO, gc_enabled: bool) -> ExtractResult
             resolved.quant_bits,
             coerce_device(cfg.device),
             model_name=resolved.spec.name,
+            trust_remote_code=cfg.trust_remote_code,
         )
     tokenized = tokenize_examples(
         resolved.examples,

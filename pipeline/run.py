@@ -34,7 +34,7 @@ from pipeline.tokenize import Tokenized
 from schemas import ActcacheError, StoreFullError
 from schemas.store import OFFSETS, ArraySpec, ShardRange
 
-__all__ = ["Interrupted", "RunStats", "run_shards"]
+__all__ = ["RESUME_HINT", "STOP_SIGNALS", "Interrupted", "RunStats", "run_shards", "signal_name"]
 
 _WAIT_SECONDS = 0.2
 # The writer compresses and writes while the model computes; on few cores it would take turns
@@ -64,6 +64,12 @@ class RunStats:
 
 # What SLURM, Kubernetes and systemd send before a kill is handled like Ctrl-C.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RESUME_HINT = "rerun the same command to continue from there."
+
+
+def signal_name(signum: int) -> str:
+    """How a stop signal is named to the user: Ctrl-C for SIGINT, else the signal's name."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
 
 
 class _StopFlag:
@@ -79,13 +85,11 @@ class _StopFlag:
 
     def __call__(self, signum: int, frame: Any) -> None:
         if self.stop:
-            signal.signal(signum, self._previous[signum])
+            previous = self._previous[signum]
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)  # None: set from C
             signal.raise_signal(signum)
             return
         self.signum = signum
-
-    def describe(self) -> str:
-        return "Ctrl-C" if self.signum == signal.SIGINT else signal.Signals(self.signum or signal.SIGTERM).name
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -217,8 +221,8 @@ def run_shards(
         stats.write_seconds = background.busy
     if flag.signum is not None:
         raise Interrupted(
-            f"stopped by {flag.describe()} after {stats.shards_written} shard(s) were committed; rerun the same "
-            "command to continue from there.",
+            f"stopped by {signal_name(flag.signum)} after {stats.shards_written} shard(s) were committed; "
+            + RESUME_HINT,
             flag.signum,
         )
     return stats

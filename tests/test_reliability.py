@@ -236,6 +236,35 @@ def test_rm_of_a_store_that_is_a_symbolic_link_deletes_nothing(tmp_path: Path) -
     assert (elsewhere / "sub" / "data.txt").read_text() == "keep me" and link.is_symlink()
     assert _cli("gc", "--older-than", "0", "--cache-dir", str(tmp_path / "root")).returncode == 0
     assert (elsewhere / "sub" / "data.txt").read_text() == "keep me" and link.is_symlink()
+    # The stores/ directory itself a link: the store behind it is not ours to delete either.
+    other = tmp_path / "other-root"
+    other.mkdir()
+    (other / "stores").symlink_to(tmp_path / "root" / "stores", target_is_directory=True)
+    link.unlink()
+    (tmp_path / "root" / "stores" / f"{key}.zarr").mkdir()
+    (tmp_path / "root" / "stores" / f"{key}.zarr" / "manifest.json").write_text("{}")
+    done = _cli("rm", key, "--cache-dir", str(other))
+    assert done.returncode == 2 and "is a symbolic link" in done.stderr, done.stderr
+    assert _cli("gc", "--older-than", "0", "--cache-dir", str(other)).returncode == 0
+    assert (tmp_path / "root" / "stores" / f"{key}.zarr" / "manifest.json").is_file()
+
+
+def test_an_error_with_a_multi_line_cause_is_still_one_line_and_a_closed_pipe_is_no_error(
+    tiny_dir: Any, tmp_path: Path
+) -> None:
+    model = shutil.copytree(tiny_dir("llama"), tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()  # transformers' own message for this spans several lines
+    data = tmp_path / "texts.jsonl"
+    data.write_text('{"text": "Hello."}\n', encoding="utf-8")
+    done = _cli("extract", "--model", str(model), "--data", str(data), "--cache-dir", str(tmp_path / "c"))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "could not load a tokenizer" in done.stderr
+    listing = subprocess.run(
+        f"{sys.executable} -m pipeline models | head -1", shell=True, cwd=REPO, env=chaos._env(),
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert listing.stdout.startswith("key") and listing.stderr == ""
 
 
 def test_an_os_failure_is_one_line_and_debug_shows_the_traceback(workdir: Any, tmp_path: Path) -> None:

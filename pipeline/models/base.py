@@ -171,7 +171,13 @@ class BaseModelRunner(ABC):
             options["quantization_config"] = bitsandbytes_config(self.quant_bits, self.device, self.dtype)
             options["device_map"] = {"": self.device}
             config = load_config(self.checkpoint.path, trust_remote_code=self.trust_remote_code)
-            check_quantizable(config, self.quant_bits, self.device, model_name=self.spec.name)
+            check_quantizable(
+                config,
+                self.quant_bits,
+                self.device,
+                model_name=self.spec.name,
+                trust_remote_code=self.trust_remote_code,
+            )
         try:
             with quiet_transformers():
                 loaded = auto_class.from_pretrained(str(self.checkpoint.path), **options, **kwargs)
@@ -181,7 +187,7 @@ class BaseModelRunner(ABC):
             ) from exc
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if self.quant_bits:
-            probe_quantized(model, self.dtype, model_name=self.spec.name)
+            probe_quantized(model, self.dtype, self.quant_bits, model_name=self.spec.name)
         else:
             model.to(self.device)
         return loaded

@@ -38,7 +38,8 @@ PACKED_4BIT_BLOCK_IN = 64  # the 4-bit blocksize: absmax is reshaped to (out, in
 # Rounding in the kernels (bf16 compute, int8 activations) stays under 1%; a kernel that
 # reads its weights in the wrong layout is off by ~100%.
 _PROBE_MAX_ERROR = 0.05
-_FIX = "Fix: load without quantization (quantization=False, --no-quantize), try the other bit width, or use a GPU."
+_NO_QUANT = "load without quantization (quantization=False, --no-quantize)"
+_FIX = f"Fix: {_NO_QUANT}, try the other bit width, or use a GPU."
 
 
 def _bitsandbytes(bits: int) -> Any:
@@ -52,8 +53,7 @@ def _bitsandbytes(bits: int) -> Any:
     except ImportError as exc:
         raise QuantizationUnsupportedError(
             f"{bits}-bit loading needs bitsandbytes, which cannot be imported here ({exc}). "
-            "Fix: pip install 'bitsandbytes>=0.45', or load without quantization "
-            "(quantization=False, --no-quantize)."
+            f"Fix: pip install 'bitsandbytes>=0.45', or {_NO_QUANT}."
         ) from None
     finally:
         logger.setLevel(level)
@@ -69,7 +69,7 @@ def bitsandbytes_config(bits: int, device: torch.device, compute_dtype: torch.dt
         raise QuantizationUnsupportedError(
             f"bitsandbytes {bitsandbytes.__version__} cannot run {bits}-bit layers on "
             f"{str(device)!r}; it supports {', '.join(sorted(supported))}. Fix: load on one of "
-            "those devices, or without quantization (quantization=False, --no-quantize)."
+            f"those devices, or {_NO_QUANT}."
         )
     from transformers import BitsAndBytesConfig
 
@@ -99,28 +99,30 @@ def unsupported_shape(bits: int, device: torch.device, in_features: int, out_fea
     return " and ".join(reasons)
 
 
-def _layers_to_quantize(config: Any) -> Iterator[tuple[str, int, int]]:
+def _layers_to_quantize(config: Any, trust_remote_code: bool) -> Iterator[tuple[str, int, int]]:
     """(name, in_features, out_features) of every linear layer transformers would quantize, from the config alone."""
     from transformers import AutoModelForCausalLM
     from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     with torch.device("meta"):  # shapes only: no memory, no weights read
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     keep = get_keys_to_not_convert(model)
     for name, module in model.named_modules():
         if type(module) is torch.nn.Linear and should_convert_module(name, keep):
             yield name, module.in_features, module.out_features
 
 
-def check_quantizable(config: Any, bits: int, device: torch.device, *, model_name: str) -> None:
+def check_quantizable(
+    config: Any, bits: int, device: torch.device, *, model_name: str, trust_remote_code: bool = False
+) -> None:
     """Raise `QuantizationUnsupportedError` naming every layer of `config` that `bits` bits cannot take on `device`."""
     packed = bits == 4 and device.type == "cpu" and packed_4bit_cpu()
     if not packed:
         return
     bad = [
         f"{name} ({n_in} -> {n_out}: {why})"
-        for name, n_in, n_out in _layers_to_quantize(config)
+        for name, n_in, n_out in _layers_to_quantize(config, trust_remote_code)
         if (why := unsupported_shape(bits, device, n_in, n_out, packed=packed))
     ]
     if bad:
@@ -142,9 +144,10 @@ def _dequantized(module: Any) -> torch.Tensor:
     return weight.data.float() * (weight.SCB.float()[:, None] / 127)  # Int8Params: int8 rows, per-row scale
 
 
-def probe_quantized(model: torch.nn.Module, dtype: torch.dtype, *, model_name: str) -> None:
+@torch.inference_mode()
+def probe_quantized(model: torch.nn.Module, dtype: torch.dtype, bits: int, *, model_name: str) -> None:
     """Run one bitsandbytes layer of each shape on random inputs; raise if its kernel fails or computes wrong values."""
-    bitsandbytes = _bitsandbytes(4)
+    bitsandbytes = _bitsandbytes(bits)
     kinds = (bitsandbytes.nn.Linear4bit, bitsandbytes.nn.Linear8bitLt)
     seen: set[tuple[type, int, int]] = set()
     generator = torch.Generator().manual_seed(0)
@@ -162,8 +165,7 @@ def probe_quantized(model: torch.nn.Module, dtype: torch.dtype, *, model_name: s
             expected += module.bias.float()
         where = f"layer {name} ({type(module).__name__}, {module.in_features} -> {module.out_features})"
         try:
-            with torch.inference_mode():
-                got = module(x.to(dtype)).float()
+            got = module(x.to(dtype)).float()
         except (RuntimeError, AssertionError, ValueError) as exc:  # bitsandbytes asserts on shapes it cannot take
             raise QuantizationUnsupportedError(
                 f"bitsandbytes cannot run {model_name!r}'s {where} on this device: {type(exc).__name__}: {exc}. {_FIX}"
