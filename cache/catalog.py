@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cache.files import flocked, lock_path, read_json, write_json
 from cache.keys import is_key
-from cache.paths import alias_path, cache_root, store_path
+from cache.paths import alias_path, as_path, cache_root, is_local, store_path
 from schemas import ActcacheError, StoreNotFoundError, UnsafePathError
-from schemas.store import ALIASES_DIR, MANIFEST_FILE, STORE_SUFFIX, STORES_DIR, Manifest
+from schemas.store import ALIASES_DIR, MANIFEST_FILE, SCHEMA_VERSION, STORE_SUFFIX, STORES_DIR, Manifest
 
 __all__ = [
     "StoreInfo",
@@ -36,6 +38,15 @@ def read_manifest(path: Path) -> Manifest:
             "or a store path listed by `actcache ls`."
         )
     return Manifest.from_dict(read_json(manifest_file, "manifest"))
+
+
+def schema_version(path: Path) -> int | None:
+    """The schema version a store's manifest names, read without parsing the rest; None if unreadable."""
+    try:
+        version = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8")).get("schema_version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, int) else None
 
 
 def add_alias(root: Path, alias: str, key: str) -> None:
@@ -62,9 +73,9 @@ def find_store(ref: str | os.PathLike[str], root: Path | None = None, *, complet
     """
     root = root or cache_root()
     text = os.fspath(ref)
-    candidate = Path(text).expanduser()
+    candidate = as_path(text)
     if (candidate / MANIFEST_FILE).is_file():
-        return candidate.absolute()
+        return candidate
     if is_key(text):
         path = store_path(root, text)
         if path.is_dir():
@@ -90,7 +101,10 @@ def _is_complete(path: Path) -> bool:
 
 
 def store_bytes(path: Path) -> int:
-    """Bytes on disk under `path` (allocated blocks, as du counts them)."""
+    """Bytes on disk under `path` (allocated blocks, as du counts them; an object store's object sizes)."""
+    if not is_local(path):
+        fs = path.fs  # type: ignore[attr-defined]  # a UPath
+        return int(fs.du(path.path, total=True))  # type: ignore[attr-defined]
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for name in files:
@@ -116,6 +130,7 @@ class StoreInfo:
     bytes: int
     created_at: str
     error: str | None = None
+    schema_version: int | None = SCHEMA_VERSION  # another version: a store this actcache cannot read
 
 
 def list_stores(root: Path | None = None) -> list[StoreInfo]:
@@ -129,7 +144,8 @@ def list_stores(root: Path | None = None) -> list[StoreInfo]:
         try:
             m = read_manifest(path)
         except ActcacheError as exc:
-            infos.append(StoreInfo(key, path, (), False, 0, 0, 0, 0, store_bytes(path), "", str(exc)))
+            version = schema_version(path)
+            infos.append(StoreInfo(key, path, (), False, 0, 0, 0, 0, store_bytes(path), "", str(exc), version))
             continue
         done = len(committed(path, m.geometry.shards))
         infos.append(
@@ -169,15 +185,22 @@ def _refuse_links(path: Path) -> None:
             )
 
 
-def gc(older_than_days: float, root: Path | None = None) -> list[Path]:
-    """Remove incomplete stores (and crashed creations) untouched for `older_than_days`."""
+def gc(older_than_days: float, root: Path | None = None, *, formats: Sequence[int] = ()) -> list[Path]:
+    """Remove incomplete stores (and crashed creations) untouched for `older_than_days`,
+    and every store written in one of the schema versions `formats` (this actcache reads none but its own)."""
     root = root or cache_root()
     cutoff = dt.datetime.now().timestamp() - older_than_days * 86400
     removed: list[Path] = []
     if (root / STORES_DIR).is_symlink():  # never through a link
         return removed
     for path in sorted((root / STORES_DIR).glob("*")):
-        if path.is_symlink() or not path.is_dir() or _newest_mtime(path) > cutoff:  # never through a link
+        if path.is_symlink() or not path.is_dir():  # never through a link
+            continue
+        if path.name.endswith(STORE_SUFFIX) and schema_version(path) in formats and SCHEMA_VERSION not in formats:
+            remove_store(path, root)
+            removed.append(path)
+            continue
+        if _newest_mtime(path) > cutoff:
             continue
         if path.name.endswith(".incomplete") or not _is_complete(path):
             if path.name.endswith(STORE_SUFFIX):

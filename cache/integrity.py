@@ -12,16 +12,20 @@ from typing import Any
 import xxhash
 
 from cache.files import flocked, lock_path, read_json, write_json
+from cache.paths import is_local
+from cache.zattrs import set_complete
 from schemas import StoreCorruptError, StoreNotFoundError
 from schemas.store import (
     MANIFEST_ATTR,
     MANIFEST_FILE,
     MARKER_SUFFIX,
+    SHARD_COMMITTED,
     SHARDS_DIR,
     ArraySpec,
     Geometry,
     Manifest,
     ShardRange,
+    chunk_key,
 )
 
 __all__ = [
@@ -58,7 +62,7 @@ def checksum_bytes(data: bytes | memoryview, algorithm: str = CHECKSUM) -> str:
 def checksum_file(path: Path, algorithm: str = CHECKSUM) -> str | None:
     """The checksum of a chunk file's bytes; None when the file is absent."""
     try:
-        with open(path, "rb") as fh:
+        with path.open("rb") as fh:  # a local file or, through fsspec, an object
             return checksum_bytes(fh.read(), algorithm)
     except FileNotFoundError:
         return None
@@ -109,6 +113,7 @@ class VerifyReport:
     missing: list[int] = field(default_factory=list)
     corrupt: dict[int, list[str]] = field(default_factory=dict)
     reset: list[int] = field(default_factory=list)
+    read_only: bool = False  # a remote store: reported, nothing reset
     manifest_error: str | None = None
     manifest_rebuilt: bool = False
 
@@ -129,6 +134,8 @@ class VerifyReport:
             lines.append(f"  corrupt shard {index}: {shown}")
         if self.reset:
             lines.append(f"  reset to pending: shards {_ranges(self.reset)} (rerun the same extract to redo them)")
+        if self.read_only and not self.ok:
+            lines.append("  a remote store is only reported on: copy it to a local cache dir to repair it")
         return "\n".join(lines)
 
 
@@ -201,14 +208,17 @@ def verify(ref: str | os.PathLike[str], root: Path | None = None, *, reset: bool
         manifest = _creation_manifest(path)
     report = verify_store(path, manifest)
     report.manifest_error = manifest_error
-    if reset and (report.corrupt or manifest_error):
+    report.read_only = not is_local(path)  # writing to object stores comes with distributed extraction
+    if reset and not report.read_only and (report.corrupt or manifest_error):
         with flocked(lock_path(path)):
             for index in sorted(report.corrupt):
                 marker_path(path, index).unlink(missing_ok=True)
+                (path / SHARD_COMMITTED / chunk_key((index,))).unlink(missing_ok=True)  # zarr readers see it too
                 report.reset.append(index)
             if manifest.complete or manifest_error:
                 write_json(path / MANIFEST_FILE, manifest.with_(complete=False, completed_at=None).to_dict())
                 report.manifest_rebuilt = manifest_error is not None
+            set_complete(path, False)
     return report
 
 
@@ -216,7 +226,7 @@ def _creation_manifest(path: Path) -> Manifest:
     import zarr
 
     try:
-        copy = zarr.open_group(path, mode="r").attrs[MANIFEST_ATTR]
+        copy = zarr.open_group(str(path), mode="r", use_consolidated=False).attrs[MANIFEST_ATTR]
         return Manifest.from_dict(dict(copy))  # type: ignore[arg-type]
     except Exception as exc:  # no group, no copy, a mangled copy: nothing left to rebuild from
         raise StoreCorruptError(

@@ -9,17 +9,50 @@ from pathlib import Path
 from schemas import CacheDirError, ConfigError
 from schemas.store import ALIASES_DIR, HASHES_DIR, STORE_SUFFIX, STORES_DIR
 
-__all__ = ["alias_name", "alias_path", "cache_root", "ensure_writable", "hash_memo_path", "store_path"]
+__all__ = [
+    "alias_name",
+    "alias_path",
+    "as_path",
+    "cache_root",
+    "ensure_writable",
+    "hash_memo_path",
+    "is_local",
+    "is_url",
+    "store_path",
+]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+def is_url(ref: str | os.PathLike[str]) -> bool:
+    """True for an fsspec URL (s3://bucket/prefix, gs://..., memory://...), False for a local path."""
+    return "://" in os.fspath(ref) and not os.fspath(ref).startswith("file://")
+
+
+def as_path(ref: str | os.PathLike[str]) -> Path:
+    """A local path (user-expanded, absolute), or for a URL a `UPath` that reads through fsspec.
+
+    The filesystem's credentials and endpoint come from its standard environment
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... for S3).
+    """
+    if is_url(ref):
+        from upath import UPath
+
+        return UPath(os.fspath(ref))  # type: ignore[return-value]  # pathlib.Path's API, through fsspec
+    return Path(ref).expanduser().absolute()
+
+
+def is_local(path: Path) -> bool:
+    """Whether `path` is on this machine's filesystem (not an object store behind fsspec)."""
+    return not is_url(str(path))
+
+
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """`cache_dir`, else $ACTCACHE_DIR, else the platform's user cache dir (~/.cache/actcache)."""
+    """`cache_dir`, else $ACTCACHE_DIR, else the platform's user cache dir (~/.cache/actcache); URLs too."""
     if cache_dir is not None:
-        return Path(cache_dir).expanduser().absolute()
+        return as_path(cache_dir)
     if os.environ.get("ACTCACHE_DIR"):
-        return Path(os.environ["ACTCACHE_DIR"]).expanduser().absolute()
+        return as_path(os.environ["ACTCACHE_DIR"])
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("actcache"))

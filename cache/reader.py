@@ -19,10 +19,10 @@ import numpy as np
 from cache.catalog import find_store, read_manifest
 from cache.chunkio import ChunkFiles
 from cache.integrity import committed
-from cache.paths import alias_name, cache_root
-from schemas import ConfigError, IncompleteStoreError
+from cache.paths import alias_name, cache_root, is_local
+from cache.zattrs import root_attributes
+from schemas import ConfigError, IncompleteStoreError, StoreCorruptError
 from schemas.store import (
-    EXAMPLES_FILE,
     LOGITS_ENTROPY,
     LOGITS_FULL,
     LOGITS_TARGET_LOGPROB,
@@ -31,6 +31,8 @@ from schemas.store import (
     OFFSETS,
     SPECIAL_MASK,
     TOKEN_IDS,
+    TOKEN_START,
+    TOKEN_STOP,
     ArraySpec,
     Manifest,
     ShardRange,
@@ -114,7 +116,7 @@ class Activations:
         self.path = path
         self.manifest = manifest
         self.shards = shards
-        self._group = zarr.open_group(path, mode="r")
+        self._group = zarr.open_group(str(path), mode="r")  # a URL goes through fsspec
         self._chunk_files: dict[str, ChunkFiles | None] = {}
         self.n_examples = sum(s.n_examples for s in shards)
         self.n_tokens = sum(s.n_tokens for s in shards)
@@ -160,7 +162,10 @@ class Activations:
         """Physical [start, stop) runs of the view along the split axis, adjacent ones merged."""
         runs: list[tuple[int, int]] = []
         for s in self.shards:
-            start, stop = (s.phys_start, s.phys_start + s.n_tokens) if spec.axis == "token" else (s.ex_start, s.ex_stop)
+            start, stop = {
+                "token": (s.phys_start, s.phys_start + s.n_tokens),
+                "shard": (s.index, s.index + 1),
+            }.get(spec.axis, (s.ex_start, s.ex_stop))
             if runs and runs[-1][1] == start:
                 runs[-1] = (runs[-1][0], stop)
             elif stop > start or not runs:
@@ -189,6 +194,8 @@ class Activations:
         return view if lazy else view.compute()
 
     def _files(self, spec: ArraySpec) -> ChunkFiles | None:
+        if not is_local(self.path):  # an object store: zarr's own async reads
+            return None
         if spec.name not in self._chunk_files:
             self._chunk_files[spec.name] = ChunkFiles.of(
                 self._group[spec.name], self.path / spec.name, len(spec.leading)
@@ -206,9 +213,23 @@ class Activations:
             last = first + phys_stop - phys
             lo, hi = max(start, first), min(stop, last)  # the part of this physical run in [start, stop)
             if lo < hi:
-                files.read_rows(index, phys + lo - first, phys + hi - first, out[lo - start : hi - start])
+                try:
+                    files.read_rows(index, phys + lo - first, phys + hi - first, out[lo - start : hi - start])
+                except StoreCorruptError as exc:
+                    rows = getattr(exc, "rows", (phys + lo - first, phys + hi - first))
+                    raise StoreCorruptError(f"{self._shards_of(spec, *rows)}: {exc}") from exc
             first = last
         return _from_storage(out, spec.dtype)
+
+    def _shards_of(self, spec: ArraySpec, start: int, stop: int) -> str:
+        """'store K, shard(s) ...' for the physical rows [start, stop) of `spec`'s split axis."""
+        geometry = self.manifest.geometry
+        hit = [
+            s.index
+            for s in self.shards
+            if max(start, s.axis_range(spec.axis, geometry)[0]) < min(stop, s.axis_range(spec.axis, geometry)[1])
+        ]
+        return f"store {self.key}, array {spec.name!r}, shard(s) {hit}"
 
     def _direct(self, spec: ArraySpec, files: ChunkFiles, lead: tuple[int, ...]) -> Any:
         """A Dask array whose blocks decode the chunk files straight into place (see `cache.chunkio`).
@@ -277,7 +298,7 @@ class Activations:
             held = sorted(
                 a.name.rsplit("_", 1)[1]
                 for a in self.manifest.arrays
-                if a.name.startswith(f"{self._stack(stack)}/pooled_")
+                if a.name.startswith(pooled_name(self._stack(stack), ""))
             )
             raise ConfigError(f"store {self.key} has no {how!r} pooling for that stack; it has {held}")
         return self._logical(name, self._layer_position(layer), lazy=lazy)
@@ -325,9 +346,10 @@ class Activations:
     def _examples_table(self) -> Any:
         import pandas as pd
 
-        path = self.path / EXAMPLES_FILE
-        table = (
-            pd.read_parquet(path) if path.is_file() else pd.DataFrame(index=range(self.manifest.geometry.n_examples))
+        columns: dict[str, str] = root_attributes(self._group).get("metadata_columns", {})
+        table = pd.DataFrame(
+            {column: self._group[name][:] for column, name in columns.items()},  # type: ignore[index]
+            index=range(self.manifest.geometry.n_examples),
         )
         rows = np.concatenate([np.arange(s.ex_start, s.ex_stop) for s in self.shards] or [np.zeros(0, int)])
         view = table.iloc[rows]
@@ -364,11 +386,15 @@ class Activations:
 
         variables = {}
         for spec in self.manifest.arrays:
-            variables[spec.name.replace("/", "_")] = (spec.dims, self._logical_edges(spec))
+            variables[spec.name] = (spec.dims, self._logical_edges(spec))
         coords: dict[str, Any] = {"layer": list(self.layers)}
         for column in self.examples.columns:
             coords[str(column)] = ("example", self.examples[column].to_numpy())
         return xr.Dataset(variables, coords=coords, attrs={"key": self.key, "n_states": self.manifest.n_states})
 
     def _logical_edges(self, spec: ArraySpec) -> Any:
-        return self.offsets if spec.name == OFFSETS else self._logical(spec.name)
+        """An array as this view shows it: row maps refer to its gap-free token axis."""
+        if spec.name in (OFFSETS, TOKEN_START, TOKEN_STOP):
+            offsets = self.offsets
+            return {OFFSETS: offsets, TOKEN_START: offsets[:-1], TOKEN_STOP: offsets[1:]}[spec.name]
+        return self._logical(spec.name)

@@ -29,33 +29,32 @@ from cache.files import PARTIAL_SUFFIX, crash_point, flocked, json_ready, lock_p
 from cache.integrity import CHECKSUM, array_checksums, committed, marker_path, read_marker
 from cache.keys import cache_key
 from cache.paths import store_path
+from cache.zattrs import consolidate, create_arrays, set_complete
 from schemas import LayoutMismatchError, ShardClaimedError, StoreCorruptError
 from schemas.request import ExtractionRequest
 from schemas.store import (
-    CHUNK_KEY_ENCODING,
     CLAIM_SUFFIX,
-    EXAMPLES_FILE,
     MANIFEST_ATTR,
     MANIFEST_FILE,
     OFFSETS,
+    SHARD_COMMITTED,
     SHARDS_DIR,
+    TOKEN_START,
+    TOKEN_STOP,
     ArraySpec,
     Geometry,
     Manifest,
     ShardRange,
     chunk_key,
+    commit_array,
+    index_arrays,
 )
 
-__all__ = ["StoreWriter", "offsets_spec", "to_bfloat16_bits", "utcnow"]
+__all__ = ["StoreWriter", "to_bfloat16_bits", "utcnow"]
 
 
 def utcnow() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def offsets_spec() -> ArraySpec:
-    """The offsets array every store has."""
-    return ArraySpec(OFFSETS, "edge", ("example_edge",), (), (), "int64")
 
 
 def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
@@ -63,15 +62,6 @@ def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
     return np.where(np.isnan(values), np.uint16(0x7FC0), rounded.astype(np.uint16))
-
-
-def _compressors() -> list[Any]:
-    from zarr.codecs import BloscCodec
-
-    # lz4 with byte shuffle: float16 activations take ~1.9 bytes a value (zstd: ~1.8) but
-    # encode at ~1.6 GB/s and decode at ~3.5 GB/s a core (zstd: ~0.24 and ~0.4), so writing
-    # does not slow the model down and reading runs near raw file speed (see `make bench`).
-    return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
 
 
 class StoreWriter:
@@ -111,7 +101,8 @@ class StoreWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         with flocked(lock_path(path)):
             if not path.exists():
-                all_arrays = (offsets_spec(), *(a for a in arrays if a.name != OFFSETS))
+                own = {spec.name for spec in (*index_arrays(), commit_array())}
+                all_arrays = (*index_arrays(), *(a for a in arrays if a.name not in own), commit_array())
                 manifest = Manifest(
                     key=key,
                     request=request.to_dict(),
@@ -146,24 +137,11 @@ class StoreWriter:
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.incomplete")
         try:
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
-            geometry = manifest.geometry
-            for spec in manifest.arrays:
-                group.create_array(
-                    spec.name,
-                    shape=spec.shape(geometry),
-                    chunks=tuple(max(1, c) for c in spec.chunks(geometry)),
-                    dtype=spec.physical_dtype,
-                    compressors=_compressors(),
-                    fill_value=0,
-                    dimension_names=spec.dims,
-                    chunk_key_encoding=dict(CHUNK_KEY_ENCODING),  # type: ignore[arg-type]
-                    config={"write_empty_chunks": True},  # every owned chunk exists: deletions are detectable
-                )
+            create_arrays(group, manifest, examples)
             # A second copy of what never changes after creation: verify rebuilds a lost manifest from it.
             group.attrs[MANIFEST_ATTR] = json_ready(manifest.to_dict())
+            consolidate(tmp)
             (tmp / SHARDS_DIR).mkdir()
-            if examples is not None:
-                _write_examples(tmp / EXAMPLES_FILE, examples, geometry.n_examples)
             write_json(tmp / MANIFEST_FILE, manifest.to_dict())
             os.rename(tmp, path)
         except BaseException:
@@ -269,8 +247,12 @@ class StoreWriter:
                 f"got {counts.size} lengths summing to {int(counts.sum())}"
             )
         values = dict(arrays)
-        offsets = shard.tok_start + np.concatenate([[0], np.cumsum(counts)])
+        edges = np.concatenate([[0], np.cumsum(counts)])
+        offsets = shard.tok_start + edges
         values[OFFSETS] = offsets if shard.ex_stop == self.geometry.n_examples else offsets[:-1]
+        values[TOKEN_START] = shard.phys_start + edges[:-1]
+        values[TOKEN_STOP] = shard.phys_start + edges[1:]
+        values[SHARD_COMMITTED] = np.ones(1, dtype=np.uint8)  # last in the manifest: after all the data
         missing = {spec.name for spec in self.manifest.arrays} - set(values)
         if missing:
             raise LayoutMismatchError(f"shard {shard.index}: no data for arrays {sorted(missing)}")
@@ -354,7 +336,7 @@ class StoreWriter:
         if self._group is None:
             import zarr
 
-            self._group = zarr.open_group(self.path, mode="r+")
+            self._group = zarr.open_group(self.path, mode="r+", use_consolidated=False)
         return self._group
 
     # -- completion ------------------------------------------------------------------------
@@ -379,6 +361,7 @@ class StoreWriter:
             manifest = manifest.with_(complete=True, completed_at=utcnow(), stats={**totals, **dict(stats or {})})
             crash_point("finalize")
             write_json(self.path / MANIFEST_FILE, manifest.to_dict())
+            set_complete(self.path, True)
             self.manifest = manifest
             return manifest
 
@@ -393,13 +376,3 @@ def _add_counts(totals: dict[str, Any], counts: Mapping[str, Any]) -> None:
             totals[name] = [a + b for a, b in zip(current, value, strict=True)]
         else:
             totals[name] = totals.get(name, 0) + value
-
-
-def _write_examples(path: Path, columns: Mapping[str, Sequence[Any]], n_examples: int) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({name: list(values) for name, values in columns.items()})
-    if table.num_rows != n_examples and columns:
-        raise LayoutMismatchError(f"example table has {table.num_rows} rows for {n_examples} examples")
-    pq.write_table(table, path)

@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "gc":
             sub.add_argument("--older-than", type=float, default=7.0, metavar="DAYS", help="age in days (default 7)")
+            sub.add_argument(
+                "--format",
+                type=int,
+                action="append",
+                dest="formats",
+                default=[],
+                metavar="N",
+                help="also remove every store of schema version N, which this actcache cannot read (ls: 'format N')",
+            )
         sub.set_defaults(func=func)
     return parser
 
@@ -218,6 +227,7 @@ def _root(args: argparse.Namespace) -> Any:
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     from cache import list_stores
+    from schemas.store import SCHEMA_VERSION
 
     root = _root(args)
     infos = list_stores(root)
@@ -226,11 +236,20 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{'key':32}  {'state':10}  {'shards':>9}  {'examples':>9}  {'tokens':>11}  {'size':>10}  aliases")
     for i in infos:
-        state = "error" if i.error else ("complete" if i.complete else "partial")
+        old_format = i.schema_version is not None and i.schema_version != SCHEMA_VERSION
+        state = (
+            f"format {i.schema_version}"
+            if old_format
+            else ("error" if i.error else ("complete" if i.complete else "partial"))
+        )
         shards = f"{i.shards_done}/{i.shards_total}"
         sizes = f"{i.n_examples:>9}  {i.n_tokens:>11}  {_size(i.bytes):>10}"
         print(f"{i.key:32}  {state:10}  {shards:>9}  {sizes}  {', '.join(i.aliases) or '-'}")
     print(f"{len(infos)} store(s) in {root}")
+    old = sorted({i.schema_version for i in infos if i.schema_version not in (None, SCHEMA_VERSION)})
+    if old:
+        print(f"stores of format {', '.join(map(str, old))} cannot be read by this actcache (format {SCHEMA_VERSION}); "
+              f"remove them with: actcache gc {' '.join(f'--format {v}' for v in old)}")  # fmt: skip
     return 0
 
 
@@ -270,10 +289,11 @@ def _cmd_rm(args: argparse.Namespace) -> int:
 def _cmd_gc(args: argparse.Namespace) -> int:
     from cache import gc
 
-    removed = gc(args.older_than, _root(args))
+    removed = gc(args.older_than, _root(args), formats=args.formats)
     for path in removed:
         print(f"removed {path}")
-    print(f"{len(removed)} incomplete store(s) older than {args.older_than:g} days removed")
+    formats = "".join(f", or of format {v}" for v in args.formats)
+    print(f"{len(removed)} store(s) removed (incomplete and older than {args.older_than:g} days{formats})")
     return 0
 
 

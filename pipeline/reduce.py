@@ -19,6 +19,8 @@ from schemas.store import (
     LOGITS_TARGET_LOGPROB,
     LOGITS_TOPK_IDS,
     LOGITS_TOPK_VALUES,
+    SPECIAL_MASK,
+    TOKEN_IDS,
     hidden_name,
     pooled_name,
 )
@@ -78,8 +80,8 @@ class Reducer:
         lengths = mask.sum(1)
         result = BatchResult(lengths=[int(n) for n in lengths.tolist()])
         ids = out.input_ids[mask]
-        result.token_arrays["token_ids"] = ids.to(torch.int32).cpu().numpy()
-        result.token_arrays["special_mask"] = special_mask.to(mask.device)[mask].to(torch.uint8).cpu().numpy()
+        result.token_arrays[TOKEN_IDS] = ids.to(torch.int32).cpu().numpy()
+        result.token_arrays[SPECIAL_MASK] = special_mask.to(mask.device)[mask].to(torch.int8).cpu().numpy()
         for stack in self.stacks:
             states = out.stacks()[stack]
             # Only the real tokens of the kept layers are gathered (no (L, B, S, H) copy); each

@@ -2,28 +2,35 @@
 
 A cache root holds::
 
-    <root>/stores/<key>.zarr/          one Zarr v3 group per cache key
-        zarr.json                      the group
-        manifest.json                  `Manifest` (written atomically; `complete` once all shards are)
-        examples.parquet               example metadata (id, language, label, ...), dataset order
-        shards/<index>.json            a shard's commit marker: its ranges and chunk checksums
-        shards/<index>.claim           a shard's claim (flock-ed while a process writes it)
-        offsets                        (n_examples + 1,) int64: example i is tokens offsets[i]:offsets[i+1]
-        token_ids, special_mask        (token,): every stored token, and 1 where it is a special token
-        <stack>/hidden                 (layer, token, hidden): stack is 'encoder' or 'decoder'
-        <stack>/pooled_<how>           (layer, example, hidden): how is 'mean', 'first' or 'last'
-        logits/topk_values, topk_ids   (token, k)
-        logits/target_logprob, entropy (token,): log-prob of the observed (MLM, seq2seq) or
-                                       next (causal) token; entropy of the distribution
-        logits/full                    (token, vocab), only when asked for
-    <root>/aliases/<model>__<data>.json   human names -> keys
+    <root>/stores/<key>.zarr/              one Zarr v3 group per cache key, metadata consolidated
+        zarr.json                          the group; attribute `actcache`: format, schema version,
+                                           completeness and how to index the store
+        manifest.json                      `Manifest` (written atomically; `complete` once all shards are)
+        shards/<index>.json                a shard's commit marker: its ranges and chunk checksums
+        shards/<index>.claim               a shard's claim (flock-ed while a process writes it)
+        token_start, token_stop            (example,) int64: example i's rows in every token-level
+                                           array are token_start[i]:token_stop[i]
+        offsets                            (example_edge,) int64: the same on the gap-free axis actcache shows
+        layer                              (layer,) int32: the model's hidden-state index of each stored layer
+        <metadata columns>                 (example,): id, language, label, field, ... as coordinates
+        shard_example_start, _stop         (shard,) int64: the example rows of each shard
+        shard_committed                    (shard,) uint8: 1 once a shard's data is all written
+        token_ids, special_mask            (token,): every stored token, and 1 where it is a special token
+        <stack>_hidden_states              (layer, token, hidden): stack is 'encoder' or 'decoder'
+        <stack>_pooled_<how>               (layer, example, hidden): how is 'mean', 'first' or 'last'
+        logits_topk_values, logits_topk_ids  (token, k)
+        logits_target_logprob, logits_entropy  (token,): log-prob of the observed (MLM, seq2seq)
+                                           or next (causal) token; entropy of the distribution
+        logits_full                        (token, vocab), only when asked for
+    <root>/aliases/<model>__<data>.json    human names -> keys
 
 Geometry: token-axis arrays are ragged and padding-free, token-major. Shards are contiguous
 example ranges; each shard's tokens start on a chunk boundary of the *physical* token axis
-(a shard owns whole chunks, the tail of its last one unused), so no two shards write one
-chunk. The logical token axis the reader shows has no gaps: logical token t of shard s is
-physical `phys_start + (t - tok_start)`. Example-axis arrays are chunked by
-`example_chunk`, and shards start on multiples of it.
+(a shard owns whole chunks, the tail of its last one unused and filled with NaN or -1), so
+no two shards write one chunk. The logical token axis actcache's reader shows has no gaps:
+logical token t of shard s is physical `phys_start + (t - tok_start)`. Example-axis arrays
+are chunked by `example_chunk`, and shards start on multiples of it. Every chunk ends in a
+CRC32C checksum (Zarr v3's `crc32c` codec), so every Zarr client rejects a corrupt chunk.
 """
 
 from __future__ import annotations
@@ -38,10 +45,14 @@ from schemas.errors import ConfigError, SchemaVersionError, StoreCorruptError
 
 __all__ = [
     "ALIASES_DIR",
+    "BFLOAT16_NAN_BITS",
     "CHUNK_KEY_ENCODING",
     "CLAIM_SUFFIX",
-    "EXAMPLES_FILE",
+    "DIMENSIONS",
+    "FORMAT_NAME",
     "HASHES_DIR",
+    "HOW_TO_READ",
+    "LAYER",
     "LOGITS_ENTROPY",
     "LOGITS_FULL",
     "LOGITS_TARGET_LOGPROB",
@@ -53,66 +64,130 @@ __all__ = [
     "OFFSETS",
     "PHYSICAL_DTYPES",
     "POOLINGS",
+    "ROOT_ATTR",
     "SCHEMA_VERSION",
     "SHARDS_DIR",
+    "SHARD_COMMITTED",
+    "SHARD_EXAMPLE_START",
+    "SHARD_EXAMPLE_STOP",
     "SPECIAL_MASK",
     "STACKS",
     "STORES_DIR",
     "STORE_SUFFIX",
     "SUPPORTED_SCHEMA_VERSIONS",
     "TOKEN_IDS",
+    "TOKEN_START",
+    "TOKEN_STOP",
     "ArraySpec",
     "Geometry",
     "Manifest",
     "ShardRange",
     "build_arrays",
     "chunk_key",
+    "commit_array",
     "default_token_chunk",
     "hidden_name",
+    "index_arrays",
+    "metadata_name",
     "plan_geometry",
     "pooled_name",
 ]
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (2,)
+FORMAT_NAME = "actcache-activations"
+ROOT_ATTR = "actcache"  # the root group's attribute: format, schema_version, key, complete, how_to_read
+HOW_TO_READ = (
+    "Example i's rows in every array with dimension 'token' are token_start[i]:token_stop[i] "
+    "(rows between shards hold no token and read as NaN or -1), and its row in every array with "
+    "dimension 'example' is i. Layer position j holds the model's hidden state layer[j] "
+    "(0 = embeddings); the store is complete when attribute complete is true, else shard s is "
+    "written where shard_committed[s] == 1 (examples shard_example_start[s]:shard_example_stop[s])."
+)
 
 STORES_DIR = "stores"
 ALIASES_DIR = "aliases"
 HASHES_DIR = "hashes"  # remembered SHA-256 digests of local model files (see pipeline.models.hub.content_hash)
 STORE_SUFFIX = ".zarr"
 MANIFEST_FILE = "manifest.json"
-EXAMPLES_FILE = "examples.parquet"
 SHARDS_DIR = "shards"
 MARKER_SUFFIX = ".json"
 CLAIM_SUFFIX = ".claim"
 MANIFEST_ATTR = "actcache_manifest"  # the creation-time manifest, kept in the group's attributes
 
 OFFSETS = "offsets"
+TOKEN_START = "token_start"
+TOKEN_STOP = "token_stop"
 TOKEN_IDS = "token_ids"
 SPECIAL_MASK = "special_mask"
-LOGITS_TOPK_VALUES = "logits/topk_values"
-LOGITS_TOPK_IDS = "logits/topk_ids"
-LOGITS_TARGET_LOGPROB = "logits/target_logprob"
-LOGITS_ENTROPY = "logits/entropy"
-LOGITS_FULL = "logits/full"
+LOGITS_TOPK_VALUES = "logits_topk_values"
+LOGITS_TOPK_IDS = "logits_topk_ids"
+LOGITS_TARGET_LOGPROB = "logits_target_logprob"
+LOGITS_ENTROPY = "logits_entropy"
+LOGITS_FULL = "logits_full"
+SHARD_COMMITTED = "shard_committed"
+# Written once, at creation: coordinates and the shard table (not part of any shard).
+LAYER = "layer"
+SHARD_EXAMPLE_START = "shard_example_start"
+SHARD_EXAMPLE_STOP = "shard_example_stop"
+DIMENSIONS = ("layer", "token", "example", "example_edge", "hidden", "k", "vocab", "shard")
 
 STACKS = ("encoder", "decoder")
 POOLINGS = ("mean", "first", "last")
 
 # numpy has no bfloat16: it is stored as its raw 16 bits and widened to float32 on read.
 PHYSICAL_DTYPES = {"bfloat16": "uint16"}
+BFLOAT16_NAN_BITS = 0x7FC0
 
-Axis = Literal["token", "example", "edge"]
+
+def _describe(name: str) -> str:
+    """What array `name` holds, in a sentence for someone who never installs actcache."""
+    fixed = {
+        OFFSETS: "example i is rows offsets[i]:offsets[i+1] of the token axis with the gaps between shards removed",
+        TOKEN_START: "first row of example i in every array with dimension 'token'",
+        TOKEN_STOP: "end (exclusive) of example i's rows in every array with dimension 'token'",
+        TOKEN_IDS: "the tokenizer's id of every stored token (no padding); -1 in rows that hold no token",
+        SPECIAL_MASK: "1 where the token is a special token ([CLS], </s>, ...), else 0; -1 in rows that hold no token",
+        LOGITS_TOPK_VALUES: "the k largest raw logits at each token, largest first",
+        LOGITS_TOPK_IDS: "the vocabulary ids of logits_topk_values",
+        LOGITS_TARGET_LOGPROB: "log-probability of the observed token (masked LM, seq2seq) or of the next token "
+        "(causal LM; NaN on an example's last token)",
+        LOGITS_ENTROPY: "entropy (nats) of the predicted distribution at each token",
+        LOGITS_FULL: "every logit at each token",
+        SHARD_COMMITTED: "1 once shard s's data is all written; 0 while it is missing",
+    }
+    if name in fixed:
+        return fixed[name]
+    stack, _, rest = name.partition("_")
+    if rest == "hidden_states":
+        return f"{stack} hidden states of every stored token (layer, token, hidden); NaN in rows that hold no token"
+    if rest.startswith("pooled_"):
+        how = rest.removeprefix("pooled_")
+        what = {"mean": "mean over all real tokens, special ones included", "first": "the first token's state",
+                "last": "the last real token's state"}.get(how, how)  # fmt: skip
+        return f"{stack} hidden states pooled per example (layer, example, hidden): {what}"
+    return name
+
+
+Axis = Literal["token", "example", "edge", "shard"]
 
 
 def hidden_name(stack: str) -> str:
     """Array name of a stack's token-level hidden states."""
-    return f"{stack}/hidden"
+    return f"{stack}_hidden_states"
 
 
 def pooled_name(stack: str, how: str) -> str:
     """Array name of a stack's pooled hidden states."""
-    return f"{stack}/pooled_{how}"
+    return f"{stack}_pooled_{how}"
+
+
+def metadata_name(column: str) -> str:
+    """Array name of an example metadata column: the column's own name, unless a store name has it."""
+    taken = {*DIMENSIONS, OFFSETS, TOKEN_START, TOKEN_STOP, TOKEN_IDS, SPECIAL_MASK, SHARD_COMMITTED}
+    taken |= {SHARD_EXAMPLE_START, SHARD_EXAMPLE_STOP}
+    reserved = column in taken or column.startswith(("encoder_", "decoder_", "logits_", "example_"))
+    return f"example_{column}" if reserved or not column else column
 
 
 def chunk_key(coords: Sequence[int]) -> str:
@@ -156,15 +231,39 @@ class ArraySpec:
     def physical_dtype(self) -> str:
         return PHYSICAL_DTYPES.get(self.dtype, self.dtype)
 
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.startswith(("float", "bfloat"))
+
+    @property
+    def fill_value(self) -> float | int:
+        """What rows no shard wrote read as: NaN for floats (bfloat16's NaN bit pattern), -1 for ids, 0 for flags."""
+        if self.dtype == "bfloat16":
+            return BFLOAT16_NAN_BITS
+        if self.is_float:
+            return float("nan")
+        return 0 if self.dtype.startswith("uint") else -1
+
+    def attributes(self) -> dict[str, Any]:
+        """The array's own description, stored with it (what it holds, and how to decode it)."""
+        attrs: dict[str, Any] = {"description": _describe(self.name), "actcache_dtype": self.dtype}
+        if self.dtype == "bfloat16":
+            attrs["encoding"] = (
+                "bfloat16 values stored as their uint16 bit patterns; NaN fill. Decode: "
+                "(x.astype('uint32') << 16).view('float32')"
+            )
+        return attrs
+
     def axis_length(self, geometry: Geometry) -> int:
         return {
             "token": geometry.n_tokens_physical,
             "example": geometry.n_examples,
             "edge": geometry.n_examples + 1,
+            "shard": len(geometry.shards),
         }[self.axis]
 
     def axis_chunk(self, geometry: Geometry) -> int:
-        return geometry.token_chunk if self.axis == "token" else geometry.example_chunk
+        return {"token": geometry.token_chunk, "shard": 1}.get(self.axis, geometry.example_chunk)
 
     def shape(self, geometry: Geometry) -> tuple[int, ...]:
         return (*self.leading, self.axis_length(geometry), *self.trailing)
@@ -219,6 +318,8 @@ class ShardRange:
         """The [start, stop) this shard owns on an array's split axis."""
         if axis == "token":
             return self.phys_start, self.phys_stop(geometry.token_chunk)
+        if axis == "shard":
+            return self.index, self.index + 1
         last = self.ex_stop == geometry.n_examples
         return self.ex_start, self.ex_stop + (1 if axis == "edge" and last else 0)
 
@@ -380,6 +481,20 @@ class Manifest:
             ) from None
 
 
+def index_arrays() -> tuple[ArraySpec, ...]:
+    """The row maps every store has: `offsets` (gap-free axis) and `token_start`/`token_stop` (stored rows)."""
+    return (
+        ArraySpec(OFFSETS, "edge", ("example_edge",), (), (), "int64"),
+        ArraySpec(TOKEN_START, "example", ("example",), (), (), "int64"),
+        ArraySpec(TOKEN_STOP, "example", ("example",), (), (), "int64"),
+    )
+
+
+def commit_array() -> ArraySpec:
+    """`shard_committed`: a shard's own one-element chunk, written after all its data (so last in a store)."""
+    return ArraySpec(SHARD_COMMITTED, "shard", ("shard",), (), (), "uint8")
+
+
 def build_arrays(
     *,
     stacks: Mapping[str, int],
@@ -397,7 +512,7 @@ def build_arrays(
     """
     arrays = [
         ArraySpec(TOKEN_IDS, "token", ("token",), (), (), "int32"),
-        ArraySpec(SPECIAL_MASK, "token", ("token",), (), (), "uint8"),
+        ArraySpec(SPECIAL_MASK, "token", ("token",), (), (), "int8"),
     ]
     for stack, hidden in stacks.items():
         if stack not in STACKS:

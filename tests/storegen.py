@@ -135,3 +135,14 @@ if __name__ == "__main__":
     for index in shards:
         write_shard(writer, data, index)
     print("wrote", shards)
+
+
+def complete_store(root: Path, store_dtype: str = "float16", order: str = "reverse") -> tuple[StoreWriter, Synthetic]:
+    """A store of `synthetic()` data with every shard written (in reverse order by default) and finalized."""
+    data = synthetic()
+    writer = open_writer(root, data, store_dtype)
+    indices = [s.index for s in writer.geometry.shards]
+    for index in reversed(indices) if order == "reverse" else indices:
+        write_shard(writer, data, index)
+    assert writer.finalize().complete
+    return writer, data

@@ -262,7 +262,7 @@ def test_cli_extract_prints_the_path_last_and_store_commands_work(
     shown = cli("show", str(store), *cache).stdout
     assert '"complete": true' in shown and "size on disk" in shown
     assert cli("verify", str(store), *cache).returncode == 0
-    chunk = next(p for p in (store / "encoder" / "hidden" / "c").rglob("*") if p.is_file())
+    chunk = next(p for p in (store / "encoder_hidden_states" / "c").rglob("*") if p.is_file())
     chunk.write_bytes(chunk.read_bytes()[:-3])
     bad = cli("verify", str(store), *cache, check=False)
     assert bad.returncode == 1 and "corrupt shard 0" in bad.stdout and "reset to pending" in bad.stdout

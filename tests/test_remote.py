@@ -1,0 +1,120 @@
+"""Stores read from object stores through fsspec: a real S3 API server (moto) on localhost, and memory://."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cache import open_activations
+from cache.paths import alias_path
+from schemas.store import hidden_name
+from tests.storegen import complete_store
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _upload(fs: Any, local: Path, remote: str) -> None:
+    for file in local.rglob("*"):
+        if file.is_file():
+            fs.pipe(f"{remote}/{file.relative_to(local).as_posix()}", file.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 for this module, with credentials and endpoint in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture()
+def remote_cache(s3: dict[str, str], _cache_root: Path) -> tuple[str, Any, Any]:
+    import s3fs
+
+    writer, _ = complete_store(_cache_root)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    bucket = f"acts-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    _upload(fs, writer.path, f"{bucket}/cache/stores/{writer.path.name}")
+    alias = alias_path(_cache_root, "fake__data")
+    fs.pipe(f"{bucket}/cache/aliases/{alias.name}", alias.read_bytes())
+    return f"s3://{bucket}/cache", writer, fs
+
+
+def test_open_activations_reads_a_store_on_s3_like_the_local_one(remote_cache: tuple[str, Any, Any]) -> None:
+    root, writer, _fs = remote_cache
+    local = open_activations(str(writer.path))
+    for ref, options in ((f"{root}/stores/{writer.path.name}", {}), (writer.key, {"cache_dir": root})):
+        remote = open_activations(ref, **options)
+        assert remote.key == local.key and remote.layers == local.layers
+        for layer in local.layers:
+            np.testing.assert_array_equal(remote.hidden(layer).compute(), local.hidden(layer, lazy=False))
+            np.testing.assert_array_equal(remote.pooled(layer, lazy=False), local.pooled(layer, lazy=False))
+        np.testing.assert_array_equal(remote.offsets.compute(), local.offsets.compute())
+        assert remote.examples.equals(local.examples)
+    by_name = open_activations(model="fake", data="data", cache_dir=root)
+    assert by_name.key == writer.key
+
+
+def test_ls_show_and_verify_accept_an_s3_url(remote_cache: tuple[str, Any, Any], s3: dict[str, str]) -> None:
+    root, writer, fs = remote_cache
+    env = {**os.environ, **s3, "PYTHONPATH": str(REPO)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, capture_output=True, text=True)
+
+    listing = cli("ls", "--cache-dir", root)
+    assert listing.returncode == 0 and writer.key in listing.stdout and "complete" in listing.stdout, listing.stderr
+    url = f"{root}/stores/{writer.path.name}"
+    shown = cli("show", url)
+    assert shown.returncode == 0 and '"complete": true' in shown.stdout, shown.stderr
+    assert cli("verify", url).returncode == 0
+    spec = writer.manifest.array(hidden_name("encoder"))
+    key = spec.shard_chunks(writer.geometry.shards[1], writer.geometry)[0]
+    chunk = f"{url.removeprefix('s3://')}/{spec.name}/{key}"
+    raw = bytearray(fs.cat(chunk))
+    raw[len(raw) // 2] ^= 0x01
+    fs.pipe(chunk, bytes(raw))
+    done = cli("verify", url)
+    assert done.returncode == 1 and "corrupt shard 1" in done.stdout and "only reported on" in done.stdout
+    assert fs.exists(f"{url.removeprefix('s3://')}/shards/000001.json"), "nothing is reset on a remote store"
+
+
+def test_memory_urls_work_too(_cache_root: Path) -> None:
+    import fsspec
+
+    writer, _ = complete_store(_cache_root)
+    fs = fsspec.filesystem("memory")
+    _upload(fs, writer.path, f"/acts/stores/{writer.path.name}")
+    remote = open_activations(f"memory://acts/stores/{writer.path.name}")
+    local = open_activations(str(writer.path))
+    np.testing.assert_array_equal(remote.hidden(-1).compute(), local.hidden(-1, lazy=False))
