@@ -227,6 +227,9 @@ class StoreWriter:
         marker = marker_path(self.path, shard.index)
         for leftover in marker.parent.glob(f"{marker.name}.*{PARTIAL_SUFFIX}"):
             leftover.unlink(missing_ok=True)
+        # A crash between the flag and the marker leaves the flag set on a pending shard: while the
+        # shard is written again, zarr-only readers must not take it for done.
+        (self.path / SHARD_COMMITTED / chunk_key((shard.index,))).unlink(missing_ok=True)
 
     def write_shard(
         self,

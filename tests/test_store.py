@@ -559,3 +559,17 @@ def test_stores_of_an_older_format_are_marked_refused_and_removed_by_gc(_cache_r
     assert gc(older_than_days=7) == [] and old.path.exists(), "age alone never removes a complete store"
     assert gc(older_than_days=7, formats=[1]) == [old.path]
     assert not old.path.exists() and current.path.exists()
+
+
+def test_a_shard_claimed_again_is_not_flagged_committed_while_it_is_rewritten(_cache_root: Path) -> None:
+    from schemas.store import SHARD_COMMITTED
+
+    writer, data = complete_store(_cache_root)
+    flag = writer.path / SHARD_COMMITTED / "c" / "1"
+    assert zarr.open_group(writer.path, mode="r")[SHARD_COMMITTED][1] == 1
+    marker_path(writer.path, 1).unlink()  # as a crash between the flag and the marker leaves it
+    with writer.claim(1) as shard:
+        assert not flag.exists(), "zarr-only readers see shard 1 as missing while it is written again"
+        assert zarr.open_group(writer.path, mode="r")[SHARD_COMMITTED][1] == 0
+        writer.write_shard(shard, shard_arrays(data, shard), data.lengths[shard.ex_start : shard.ex_stop])
+    assert flag.exists() and verify(writer.key).ok
