@@ -13,8 +13,8 @@ from typing import Any
 
 from cache.files import flocked, lock_path, read_json, write_json
 from cache.keys import is_key
-from cache.paths import alias_path, as_path, cache_root, is_local, store_path
-from schemas import ActcacheError, StoreNotFoundError, UnsafePathError
+from cache.paths import alias_path, as_path, cache_root, is_local, require_local, store_path
+from schemas import ActcacheError, ConfigError, StoreNotFoundError, UnsafePathError
 from schemas.store import ALIASES_DIR, MANIFEST_FILE, SCHEMA_VERSION, STORE_SUFFIX, STORES_DIR, Manifest
 
 __all__ = [
@@ -160,7 +160,9 @@ def list_stores(root: Path | None = None) -> list[StoreInfo]:
 def remove_store(ref: str | os.PathLike[str], root: Path | None = None) -> Path:
     """Delete a store (by key, alias or path) and drop it from its aliases; returns its path."""
     root = root or cache_root()
+    require_local(root, "remove a store from")
     path = find_store(ref, root)
+    require_local(path, "remove")
     _refuse_links(path)
     key = path.name.removesuffix(STORE_SUFFIX)
     shutil.rmtree(path)
@@ -190,13 +192,19 @@ def gc(older_than_days: float, root: Path | None = None, *, formats: Sequence[in
     and every store written in one of the schema versions `formats` (this actcache reads none but its own)."""
     root = root or cache_root()
     cutoff = dt.datetime.now().timestamp() - older_than_days * 86400
+    require_local(root, "clean up")
+    if SCHEMA_VERSION in formats:
+        raise ConfigError(
+            f"gc --format {SCHEMA_VERSION} would remove readable stores of this actcache's own format. "
+            "Fix: remove one with `actcache rm KEY`; --format takes older formats only."
+        )
     removed: list[Path] = []
     if (root / STORES_DIR).is_symlink():  # never through a link
         return removed
     for path in sorted((root / STORES_DIR).glob("*")):
         if path.is_symlink() or not path.is_dir():  # never through a link
             continue
-        if path.name.endswith(STORE_SUFFIX) and schema_version(path) in formats and SCHEMA_VERSION not in formats:
+        if path.name.endswith(STORE_SUFFIX) and schema_version(path) in formats:
             remove_store(path, root)
             removed.append(path)
             continue

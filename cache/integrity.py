@@ -211,14 +211,14 @@ def verify(ref: str | os.PathLike[str], root: Path | None = None, *, reset: bool
     report.read_only = not is_local(path)  # writing to object stores comes with distributed extraction
     if reset and not report.read_only and (report.corrupt or manifest_error):
         with flocked(lock_path(path)):
+            set_complete(path, False)  # first: a crash below must not leave zarr readers a complete store
             for index in sorted(report.corrupt):
-                marker_path(path, index).unlink(missing_ok=True)
                 (path / SHARD_COMMITTED / chunk_key((index,))).unlink(missing_ok=True)  # zarr readers see it too
+                marker_path(path, index).unlink(missing_ok=True)
                 report.reset.append(index)
             if manifest.complete or manifest_error:
                 write_json(path / MANIFEST_FILE, manifest.with_(complete=False, completed_at=None).to_dict())
                 report.manifest_rebuilt = manifest_error is not None
-            set_complete(path, False)
     return report
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "hash_memo_path",
     "is_local",
     "is_url",
+    "require_local",
     "store_path",
 ]
 
@@ -39,12 +40,21 @@ def as_path(ref: str | os.PathLike[str]) -> Path:
         from upath import UPath
 
         return UPath(os.fspath(ref))  # type: ignore[return-value]  # pathlib.Path's API, through fsspec
-    return Path(ref).expanduser().absolute()
+    return Path(os.fspath(ref).removeprefix("file://")).expanduser().absolute()
 
 
 def is_local(path: Path) -> bool:
     """Whether `path` is on this machine's filesystem (not an object store behind fsspec)."""
     return not is_url(str(path))
+
+
+def require_local(path: Path, doing: str) -> None:
+    """`ConfigError` for a URL where actcache must write: object stores are read-only for now."""
+    if not is_local(path):
+        raise ConfigError(
+            f"cannot {doing} {str(path)!r}: stores on object stores are read-only for now (open_activations, "
+            "ls, show and verify read them). Fix: use a local --cache-dir, or a shared filesystem path."
+        )
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -91,6 +101,7 @@ def hash_memo_path(root: Path, directory: Path) -> Path:
 
 def ensure_writable(root: Path) -> Path:
     """Create `root` if need be and prove a file can be written there; `CacheDirError` says why not."""
+    require_local(root, "extract into")
     probe = root / f".write-test-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)

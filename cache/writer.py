@@ -29,10 +29,11 @@ from cache.files import PARTIAL_SUFFIX, crash_point, flocked, json_ready, lock_p
 from cache.integrity import CHECKSUM, array_checksums, committed, marker_path, read_marker
 from cache.keys import cache_key
 from cache.paths import store_path
-from cache.zattrs import consolidate, create_arrays, set_complete
+from cache.zattrs import consolidate, create_arrays, root_attributes, set_complete, zarr_group
 from schemas import LayoutMismatchError, ShardClaimedError, StoreCorruptError
 from schemas.request import ExtractionRequest
 from schemas.store import (
+    BFLOAT16_NAN_BITS,
     CLAIM_SUFFIX,
     MANIFEST_ATTR,
     MANIFEST_FILE,
@@ -61,7 +62,7 @@ def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even, NaN kept NaN."""
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded.astype(np.uint16))
+    return np.where(np.isnan(values), np.uint16(BFLOAT16_NAN_BITS), rounded.astype(np.uint16))
 
 
 class StoreWriter:
@@ -227,9 +228,10 @@ class StoreWriter:
         marker = marker_path(self.path, shard.index)
         for leftover in marker.parent.glob(f"{marker.name}.*{PARTIAL_SUFFIX}"):
             leftover.unlink(missing_ok=True)
-        # A crash between the flag and the marker leaves the flag set on a pending shard: while the
-        # shard is written again, zarr-only readers must not take it for done.
-        (self.path / SHARD_COMMITTED / chunk_key((shard.index,))).unlink(missing_ok=True)
+        if not marker.is_file():  # pending (we hold its claim, so no one commits it meanwhile)
+            # A crash between the flag and the marker leaves the flag set on a pending shard: while the
+            # shard is written again, zarr-only readers must not take it for done.
+            (self.path / SHARD_COMMITTED / chunk_key((shard.index,))).unlink(missing_ok=True)
 
     def write_shard(
         self,
@@ -353,6 +355,8 @@ class StoreWriter:
             manifest = self._read_manifest(self.path)
             done = committed(self.path, manifest.geometry.shards)
             if len(done) < len(manifest.geometry.shards) or manifest.complete:
+                if manifest.complete and not root_attributes(zarr_group(self.path)).get("complete"):
+                    set_complete(self.path, True)  # a crash between the manifest and the root attribute
                 self.manifest = manifest
                 return manifest
             totals: dict[str, Any] = {}

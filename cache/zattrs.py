@@ -30,7 +30,7 @@ from schemas.store import (
     metadata_name,
 )
 
-__all__ = ["consolidate", "create_arrays", "metadata_columns", "root_attributes", "set_complete"]
+__all__ = ["consolidate", "create_arrays", "metadata_columns", "root_attributes", "set_complete", "zarr_group"]
 
 
 def _compressors(compress: bool) -> list[Any]:
@@ -110,12 +110,22 @@ def create_arrays(group: Any, manifest: Manifest, examples: Mapping[str, Sequenc
 
 
 def set_complete(path: Path, complete: bool) -> None:
-    """Say in the root's attributes whether every shard is committed, and consolidate the metadata again."""
+    """Say in the root's attributes whether every shard is committed.
+
+    The root is opened with its consolidated metadata, which zarr writes back with the new
+    attributes in the same (atomic) write of zarr.json: readers never see the store unconsolidated.
+    """
     import zarr
 
-    group = zarr.open_group(path, mode="r+", use_consolidated=False)
+    group = zarr.open_group(str(path), mode="r+")
     group.attrs[ROOT_ATTR] = {**root_attributes(group), "complete": complete}
-    consolidate(path)
+
+
+def zarr_group(path: Path, mode: str = "r") -> Any:
+    """The store's root group as it is on disk now (not its consolidated copy)."""
+    import zarr
+
+    return zarr.open_group(str(path), mode=mode, use_consolidated=False)  # type: ignore[arg-type]
 
 
 def root_attributes(group: Any) -> dict[str, Any]:
@@ -125,7 +135,7 @@ def root_attributes(group: Any) -> dict[str, Any]:
 
 
 def consolidate(path: Path) -> None:
-    """Consolidate the metadata, so a client opens the store with one read."""
+    """Consolidate the metadata, so a client opens the store with one read (once, at creation)."""
     import zarr
 
     with warnings.catch_warnings():

@@ -98,11 +98,11 @@ SUPPORTED_SCHEMA_VERSIONS = (2,)
 FORMAT_NAME = "actcache-activations"
 ROOT_ATTR = "actcache"  # the root group's attribute: format, schema_version, key, complete, how_to_read
 HOW_TO_READ = (
-    "Example i's rows in every array with dimension 'token' are token_start[i]:token_stop[i] "
-    "(rows between shards hold no token and read as NaN or -1), and its row in every array with "
-    "dimension 'example' is i. Layer position j holds the model's hidden state layer[j] "
-    "(0 = embeddings); the store is complete when attribute complete is true, else shard s is "
-    "written where shard_committed[s] == 1 (examples shard_example_start[s]:shard_example_stop[s])."
+    "Example i is row i of every array with dimension 'example' and rows token_start[i]:token_stop[i] of "
+    "every array with dimension 'token' (rows of no example read as NaN or -1), and layer position j is the "
+    "model's hidden state layer[j] (0 = embeddings). The store is complete where this attribute's 'complete' "
+    "is true; otherwise only the shards s with shard_committed[s] == 1 are written, holding examples "
+    "shard_example_start[s]:shard_example_stop[s] (token_start is -1 for the others)."
 )
 
 STORES_DIR = "stores"
@@ -452,10 +452,16 @@ class Manifest:
     def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
         version = data.get("schema_version")
         if version not in SUPPORTED_SCHEMA_VERSIONS:
+            if isinstance(version, int) and version < SCHEMA_VERSION:
+                fix = (
+                    f"it is of an older format, which this actcache no longer reads: remove such stores with "
+                    f"`actcache gc --format {version}` (or this one with `actcache rm KEY`) and extract again"
+                )
+            else:
+                fix = "upgrade actcache to read it, or remove the store (actcache rm KEY) and extract again"
             raise SchemaVersionError(
                 f"store written with schema version {version!r}; this actcache reads versions "
-                f"{', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}. Fix: upgrade actcache to read it, "
-                "or remove the store (actcache rm KEY) and extract again."
+                f"{', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}. Fix: {fix}."
             )
         try:
             return cls(

@@ -48,6 +48,7 @@ def decode(array, values):  # the array's own attributes say how
     return (values.astype("uint32") << 16).view("float32") if "encoding" in array.attrs else values
 
 found, report = {}, {"complete": info["complete"], "committed": done.tolist(), "gaps_are_fill": {}}
+report["consolidated"] = "consolidated_metadata" in json.load(open(path + "/zarr.json"))
 for name, array in g.arrays():
     dims = tuple(array.metadata.dimension_names)
     if "token" not in dims and "example" not in dims:
@@ -133,6 +134,7 @@ def test_zarr_xarray_and_tensorstore_read_what_actcache_reads(
     mine = acts.to_xarray()
     n_shards = len(acts.manifest.geometry.shards)
     assert report["complete"] == (case != "partial") == acts.manifest.complete
+    assert report["consolidated"], "one read opens the store, before and after it completes"
     assert report["committed"] == [s.index in {c.index for c in acts.shards} for s in acts.manifest.geometry.shards]
     assert (sum(report["committed"]) == 2 < n_shards) if case == "partial" else all(report["committed"])
     assert report["layer"] == list(acts.layers) == mine["layer"].values.tolist()

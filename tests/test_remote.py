@@ -118,3 +118,13 @@ def test_memory_urls_work_too(_cache_root: Path) -> None:
     remote = open_activations(f"memory://acts/stores/{writer.path.name}")
     local = open_activations(str(writer.path))
     np.testing.assert_array_equal(remote.hidden(-1).compute(), local.hidden(-1, lazy=False))
+
+
+def test_writing_commands_refuse_a_url_in_one_line_and_file_urls_are_local_paths(_cache_root: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args in (["gc", "--cache-dir", "memory://acts"], ["rm", "0" * 32, "--cache-dir", "memory://acts"]):
+        done = subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, capture_output=True, text=True)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "read-only for now" in done.stderr and "local --cache-dir" in done.stderr
+    writer, _ = complete_store(_cache_root)
+    assert open_activations(f"file://{writer.path}").key == writer.key

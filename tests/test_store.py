@@ -133,7 +133,11 @@ def test_reads_match_across_block_sizes_and_the_zarr_fallback(
     [[BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()], [Crc32cCodec()]],
     ids=["blosc-crc32c", "crc32c"],
 )
-@pytest.mark.parametrize("dtype, fill", [("float16", np.nan), ("uint16", 0x7FC0), ("int32", -1), ("int8", -1)])
+@pytest.mark.parametrize(
+    "dtype, fill",
+    [("float16", np.nan), ("float32", np.nan), ("uint16", 0x7FC0), ("int64", -1), ("int32", -1), ("int8", -1),
+     ("uint8", 0)],
+)  # fmt: skip
 def test_chunk_files_are_byte_for_byte_what_zarr_writes(
     tmp_path: Path, compressors: Any, dtype: str, fill: Any
 ) -> None:
@@ -548,7 +552,10 @@ def test_stores_of_an_older_format_are_marked_refused_and_removed_by_gc(_cache_r
     manifest = json.loads((old.path / MANIFEST_FILE).read_text())
     manifest["schema_version"] = 1  # as every store written before format 2 says
     (old.path / MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(SchemaVersionError, match="schema version 1; this actcache reads versions 2.*actcache rm"):
+    with pytest.raises(
+        SchemaVersionError,
+        match="schema version 1; this actcache reads versions 2.*older format.*actcache gc --format 1",
+    ):
         open_activations(old.key)
     env = {**os.environ, "ACTCACHE_DIR": str(_cache_root)}
     listing = subprocess.run(
@@ -559,6 +566,8 @@ def test_stores_of_an_older_format_are_marked_refused_and_removed_by_gc(_cache_r
     assert gc(older_than_days=7) == [] and old.path.exists(), "age alone never removes a complete store"
     assert gc(older_than_days=7, formats=[1]) == [old.path]
     assert not old.path.exists() and current.path.exists()
+    with pytest.raises(ConfigError, match="--format takes older formats only"):
+        gc(older_than_days=7, formats=[2])
 
 
 def test_a_shard_claimed_again_is_not_flagged_committed_while_it_is_rewritten(_cache_root: Path) -> None:
