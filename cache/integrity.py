@@ -13,7 +13,7 @@ import xxhash
 
 from cache.files import flocked, lock_path, read_json, write_json
 from cache.paths import is_local
-from cache.zattrs import set_complete
+from cache.zattrs import set_complete, zarr_group
 from schemas import StoreCorruptError, StoreNotFoundError
 from schemas.store import (
     MANIFEST_ATTR,
@@ -223,10 +223,8 @@ def verify(ref: str | os.PathLike[str], root: Path | None = None, *, reset: bool
 
 
 def _creation_manifest(path: Path) -> Manifest:
-    import zarr
-
     try:
-        copy = zarr.open_group(str(path), mode="r", use_consolidated=False).attrs[MANIFEST_ATTR]
+        copy = zarr_group(path).attrs[MANIFEST_ATTR]
         return Manifest.from_dict(dict(copy))  # type: ignore[arg-type]
     except Exception as exc:  # no group, no copy, a mangled copy: nothing left to rebuild from
         raise StoreCorruptError(

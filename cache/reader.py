@@ -223,12 +223,8 @@ class Activations:
 
     def _shards_of(self, spec: ArraySpec, start: int, stop: int) -> str:
         """'store K, shard(s) ...' for the physical rows [start, stop) of `spec`'s split axis."""
-        geometry = self.manifest.geometry
-        hit = [
-            s.index
-            for s in self.shards
-            if max(start, s.axis_range(spec.axis, geometry)[0]) < min(stop, s.axis_range(spec.axis, geometry)[1])
-        ]
+        spans = {s.index: s.axis_range(spec.axis, self.manifest.geometry) for s in self.shards}
+        hit = [index for index, (a, b) in spans.items() if max(start, a) < min(stop, b)]
         return f"store {self.key}, array {spec.name!r}, shard(s) {hit}"
 
     def _direct(self, spec: ArraySpec, files: ChunkFiles, lead: tuple[int, ...]) -> Any:

@@ -339,9 +339,7 @@ class StoreWriter:
 
     def _zarr_group(self) -> Any:
         if self._group is None:
-            import zarr
-
-            self._group = zarr.open_group(self.path, mode="r+", use_consolidated=False)
+            self._group = zarr_group(self.path, mode="r+")
         return self._group
 
     # -- completion ------------------------------------------------------------------------
