@@ -25,7 +25,6 @@ from cache.files import crash_point
 from cache.paths import alias_name, ensure_writable
 from pipeline.datasets import resolve_dataset
 from pipeline.models.helpers import coerce_device
-from pipeline.models.hub import load_config
 from pipeline.models.quantization import check_quantizable
 from pipeline.plan import DEFAULT_MAX_FULL_LOGITS_GB, DEFAULT_SHARD_TOKENS, check_full_logits, plan
 from pipeline.reduce import POOLING_BY_STACK, STACKS_BY_ARCH, Reducer
@@ -136,7 +135,7 @@ def _extract(cfg: ExtractConfig, out: TextIO, gc_enabled: bool) -> ExtractResult
     say(f"{alias}: {len(resolved.examples)} examples, model {resolved.spec.hf_id} -> key {resolved.key}")
     if resolved.quant_bits:  # a layer bitsandbytes cannot take on this device fails now, before any work
         check_quantizable(
-            load_config(resolved.checkpoint.path, trust_remote_code=cfg.trust_remote_code),
+            resolved.checkpoint.path,
             resolved.quant_bits,
             coerce_device(cfg.device),
             model_name=resolved.spec.name,

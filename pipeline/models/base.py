@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from pipeline.models.helpers import coerce_device, resolve_dtype
-from pipeline.models.hub import ResolvedCheckpoint, check_weights, load_config, resolve_checkpoint
+from pipeline.models.hub import ResolvedCheckpoint, check_weights, resolve_checkpoint
 from pipeline.models.quantization import bitsandbytes_config, check_quantizable, probe_quantized
 from schemas import CheckpointError, ConfigError, ModelOutputs, ModelSpec
 from schemas.model import parse_quant_bits
@@ -170,9 +170,8 @@ class BaseModelRunner(ABC):
         if self.quant_bits:
             options["quantization_config"] = bitsandbytes_config(self.quant_bits, self.device, self.dtype)
             options["device_map"] = {"": self.device}
-            config = load_config(self.checkpoint.path, trust_remote_code=self.trust_remote_code)
             check_quantizable(
-                config,
+                self.checkpoint.path,
                 self.quant_bits,
                 self.device,
                 model_name=self.spec.name,

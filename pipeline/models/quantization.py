@@ -15,10 +15,12 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.models.hub import load_config
 from schemas import QuantizationUnsupportedError
 from schemas.model import parse_quant_bits
 
@@ -114,12 +116,14 @@ def _layers_to_quantize(config: Any, trust_remote_code: bool) -> Iterator[tuple[
 
 
 def check_quantizable(
-    config: Any, bits: int, device: torch.device, *, model_name: str, trust_remote_code: bool = False
+    model_dir: Path, bits: int, device: torch.device, *, model_name: str, trust_remote_code: bool = False
 ) -> None:
-    """Raise `QuantizationUnsupportedError` naming every layer of `config` that `bits` bits cannot take on `device`."""
+    """Raise `QuantizationUnsupportedError` naming every layer of the model in `model_dir` that `bits` bits
+    cannot take on `device`; its config is read only where a kernel there is picky about shapes."""
     packed = bits == 4 and device.type == "cpu" and packed_4bit_cpu()
     if not packed:
         return
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
     bad = [
         f"{name} ({n_in} -> {n_out}: {why})"
         for name, n_in, n_out in _layers_to_quantize(config, trust_remote_code)
