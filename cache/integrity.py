@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xxhash
 
 from cache.files import flocked, lock_path, read_json, write_json
@@ -38,20 +38,31 @@ __all__ = [
     "marker_path",
     "read_marker",
     "shard_checksums",
+    "stored_checksums",
     "verify",
     "verify_store",
 ]
 
 
-# Chunk checksums catch torn and bit-rotted files, not tampering: XXH3-128 hashes at ~10 GB/s,
-# so checksumming a shard costs little beside writing it. Markers name their algorithm;
-# markers without one are from stores written with BLAKE2b-128.
-CHECKSUM = "xxh3_128"
-_HASHES: dict[str, Callable[[Any], str]] = {  # bytes-like in, hex digest out
+# A marker records each chunk file's own CRC32C (the 4 bytes zarr's crc32c codec ends it with):
+# the writer reads back 4 bytes a file, not the file, and verify recomputes the CRC over the
+# file's body (catching a flipped byte or a torn write) and compares it with the marker (catching
+# a whole, valid chunk from another write). Markers name their algorithm; format-2 stores
+# written before hashed the whole file with XXH3-128.
+CHECKSUM = "crc32c"
+_HASHES: dict[str, Callable[[Any], str]] = {  # a chunk file's bytes in, hex digest out
+    "crc32c": lambda data: _crc32c_of_file(np.frombuffer(data, dtype=np.uint8)),
     "xxh3_128": lambda data: xxhash.xxh3_128_hexdigest(data),
-    "blake2b_128": lambda data: hashlib.blake2b(data, digest_size=16).hexdigest(),
 }
-_LEGACY_CHECKSUM = "blake2b_128"
+
+
+def _crc32c_of_file(data: np.ndarray) -> str:
+    """The CRC32C a chunk file ends with, when its body matches it; else what the body hashes to, marked bad."""
+    import google_crc32c
+
+    body, stored = (data[:-4], data[-4:].tobytes().hex()) if data.size >= 4 else (data, "")
+    computed = int(google_crc32c.value(body)).to_bytes(4, "little").hex()
+    return stored if stored == computed else f"bad body {computed}"
 
 
 def checksum_bytes(data: bytes | memoryview, algorithm: str = CHECKSUM) -> str:
@@ -66,6 +77,19 @@ def checksum_file(path: Path, algorithm: str = CHECKSUM) -> str | None:
             return checksum_bytes(fh.read(), algorithm)
     except FileNotFoundError:
         return None
+
+
+def stored_checksums(store: Path, spec: ArraySpec, shard: ShardRange, geometry: Geometry) -> dict[str, str | None]:
+    """The CRC32C each chunk file of `spec` that `shard` owns ends with, as just written (None: absent)."""
+    checksums: dict[str, str | None] = {}
+    for key in spec.shard_chunks(shard, geometry):
+        try:
+            with open(store / spec.name / key, "rb") as fh:
+                fh.seek(-4, os.SEEK_END)
+                checksums[key] = fh.read(4).hex()
+        except FileNotFoundError:
+            checksums[key] = None
+    return checksums
 
 
 def array_checksums(
@@ -151,7 +175,7 @@ def verify_store(store: Path, manifest: Manifest) -> VerifyReport:
         if marker is None:
             report.missing.append(shard.index)
             continue
-        algorithm = marker.get("checksum", _LEGACY_CHECKSUM)
+        algorithm = marker.get("checksum")
         if algorithm not in _HASHES:
             report.corrupt[shard.index] = [f"marker names unknown checksum {algorithm!r}"]
             continue

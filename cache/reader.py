@@ -19,7 +19,7 @@ import numpy as np
 from cache.catalog import find_store, read_manifest
 from cache.chunkio import ChunkFiles
 from cache.integrity import committed
-from cache.paths import alias_name, cache_root, is_local
+from cache.paths import alias_name, cache_root
 from cache.zattrs import root_attributes
 from schemas import ConfigError, IncompleteStoreError, StoreCorruptError
 from schemas.store import (
@@ -194,8 +194,6 @@ class Activations:
         return view if lazy else view.compute()
 
     def _files(self, spec: ArraySpec) -> ChunkFiles | None:
-        if not is_local(self.path):  # an object store: zarr's own async reads
-            return None
         if spec.name not in self._chunk_files:
             self._chunk_files[spec.name] = ChunkFiles.of(
                 self._group[spec.name], self.path / spec.name, len(spec.leading)
@@ -213,13 +211,19 @@ class Activations:
             last = first + phys_stop - phys
             lo, hi = max(start, first), min(stop, last)  # the part of this physical run in [start, stop)
             if lo < hi:
-                try:
-                    files.read_rows(index, phys + lo - first, phys + hi - first, out[lo - start : hi - start])
-                except StoreCorruptError as exc:
-                    rows = getattr(exc, "rows", (phys + lo - first, phys + hi - first))
-                    raise StoreCorruptError(f"{self._shards_of(spec, *rows)}: {exc}") from exc
+                self._rows(spec, files, index, phys + lo - first, phys + hi - first, out[lo - start : hi - start])
             first = last
         return _from_storage(out, spec.dtype)
+
+    def _rows(
+        self, spec: ArraySpec, files: ChunkFiles, index: tuple[int, ...], start: int, stop: int, out: Any = None
+    ) -> np.ndarray:
+        """Physical rows [start, stop) of committed shards; a missing or corrupt chunk names its shard."""
+        try:
+            return files.read_rows(index, start, stop, out)
+        except StoreCorruptError as exc:
+            rows = getattr(exc, "rows", (start, stop))
+            raise StoreCorruptError(f"{self._shards_of(spec, *rows)}: {exc}") from exc
 
     def _shards_of(self, spec: ArraySpec, start: int, stop: int) -> str:
         """'store K, shard(s) ...' for the physical rows [start, stop) of `spec`'s split axis."""
@@ -314,15 +318,21 @@ class Activations:
         """dask (n_examples + 1,): example i is tokens offsets[i]:offsets[i+1] of this view."""
         import dask.array as da
 
-        stored = self._dask(OFFSETS)
+        spec = self._spec(OFFSETS)
+        files = self._files(spec)
+
+        def stored(start: int, stop: int) -> np.ndarray:  # read now: n + 1 integers, checked like any chunk
+            if files is not None:
+                return self._rows(spec, files, (), start, stop)
+            return np.asarray(self._group[OFFSETS][start:stop])  # type: ignore[index]
+
         if self.manifest.complete or len(self.shards) == len(self.manifest.geometry.shards):
-            return stored[: self.n_examples + 1]
+            return da.from_array(stored(0, self.n_examples + 1))
         parts, base = [], 0
         for s in self.shards:
-            parts.append(stored[s.ex_start : s.ex_stop] - s.tok_start + base)
+            parts.append(stored(s.ex_start, s.ex_stop) - s.tok_start + base)
             base += s.n_tokens
-        parts.append(da.from_array(np.array([base], dtype=np.int64)))
-        return da.concatenate(parts)
+        return da.from_array(np.concatenate([*parts, [base]]).astype(np.int64))
 
     def logits_topk(self) -> dict[str, Any]:
         """Top-k logits: values and ids (n_tokens, k), target_logprob and entropy (n_tokens,)."""
@@ -344,13 +354,24 @@ class Activations:
 
         columns: dict[str, str] = root_attributes(self._group).get("metadata_columns", {})
         table = pd.DataFrame(
-            {column: self._group[name][:] for column, name in columns.items()},  # type: ignore[index]
+            {column: self._metadata_column(name) for column, name in columns.items()},
             index=range(self.manifest.geometry.n_examples),
         )
         rows = np.concatenate([np.arange(s.ex_start, s.ex_stop) for s in self.shards] or [np.zeros(0, int)])
         view = table.iloc[rows]
         view.index = pd.RangeIndex(len(view), name="example")
         return view
+
+    def _metadata_column(self, name: str) -> np.ndarray:
+        """A metadata column, whole: written once at creation, so a lost chunk file is corruption, not fill."""
+        array: Any = self._group[name]
+        fix = "Fix: remove the store (actcache rm) and extract again; its metadata is written only at creation."
+        if array.nchunks_initialized < array.nchunks:
+            raise StoreCorruptError(f"store {self.key}, metadata array {name!r} has lost chunk files. {fix}")
+        try:
+            return np.asarray(array[:])
+        except ValueError as exc:  # what zarr's crc32c codec raises on a corrupt chunk
+            raise StoreCorruptError(f"store {self.key}, metadata array {name!r} fails its checksum. {fix}") from exc
 
     @property
     def examples(self) -> Any:

@@ -26,7 +26,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 NAMED = [
-    "after-tokenize", "mid-batch", "mid-batch:5", "mid-write", "mid-write:7", "mid-chunk:40", "before-marker",
+    "after-tokenize", "mid-batch", "mid-batch:5", "mid-write", "mid-write:7", "mid-write:40", "before-marker",
     "before-marker:2", "mid-commit", "mid-commit:3", "after-marker", "after-marker:2", "finalize",
 ]  # fmt: skip
 

@@ -15,7 +15,9 @@ import pytest
 
 from cache import open_activations
 from cache.paths import alias_path
-from schemas.store import hidden_name
+from cache.zattrs import root_attributes, zarr_group
+from schemas import StoreCorruptError
+from schemas.store import OFFSETS, hidden_name
 from tests.storegen import complete_store
 
 pytestmark = pytest.mark.integration
@@ -83,6 +85,48 @@ def test_open_activations_reads_a_store_on_s3_like_the_local_one(remote_cache: t
         assert remote.examples.equals(local.examples)
     by_name = open_activations(model="fake", data="data", cache_dir=root)
     assert by_name.key == writer.key
+
+
+def test_a_corrupt_or_missing_chunk_on_s3_is_the_same_error_as_locally(remote_cache: tuple[str, Any, Any]) -> None:
+    """Never the NaN, -1 or bare codec error of a plain zarr read: the shard (or array) and the fix are named."""
+    root, writer, fs = remote_cache
+    url = f"{root}/stores/{writer.path.name}"
+    bucket_path = url.removeprefix("s3://")
+    spec = writer.manifest.array(hidden_name("encoder"))
+    flipped = spec.shard_chunks(writer.geometry.shards[1], writer.geometry)[0]  # the first layer's
+    deleted = spec.shard_chunks(writer.geometry.shards[3], writer.geometry)[-1]  # the last layer's
+    raw = bytearray(fs.cat(f"{bucket_path}/{spec.name}/{flipped}"))
+    raw[len(raw) // 2] ^= 0x01
+    fs.pipe(f"{bucket_path}/{spec.name}/{flipped}", bytes(raw))
+    fs.rm(f"{bucket_path}/{spec.name}/{deleted}")
+    acts = open_activations(url)
+    for key, shard, what in ((flipped, 1, "CRC32C"), (deleted, 3, "missing")):
+        layer = acts.layers[int(key.split("/")[1])]  # c/<layer>/<token chunk>/0
+        for lazy in (True, False):
+            with pytest.raises(StoreCorruptError) as err:
+                hidden = acts.hidden(layer, lazy=lazy)
+                if lazy:
+                    hidden.compute()
+            assert f"shard(s) [{shard}]" in str(err.value) and what in str(err.value), err.value
+            assert "actcache verify" in str(err.value)
+    fs.rm(f"{bucket_path}/{OFFSETS}/c/0")
+    with pytest.raises(StoreCorruptError, match="missing"):
+        open_activations(url).offsets.compute()
+    column = next(iter(root_attributes(zarr_group(writer.path))["metadata_columns"].values()))
+    fs.rm(f"{bucket_path}/{column}/c/0")
+    with pytest.raises(StoreCorruptError, match="lost chunk files"):
+        open_activations(url).examples  # noqa: B018
+
+
+def test_a_corrupt_metadata_chunk_is_named(_cache_root: Path) -> None:
+    writer, _ = complete_store(_cache_root)
+    column = next(iter(root_attributes(zarr_group(writer.path))["metadata_columns"].values()))
+    chunk = writer.path / column / "c" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(StoreCorruptError, match=f"metadata array {column!r} fails its checksum"):
+        open_activations(str(writer.path)).examples  # noqa: B018
 
 
 def test_ls_show_and_verify_accept_an_s3_url(remote_cache: tuple[str, Any, Any], s3: dict[str, str]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ import dask.array as da
 import numpy as np
 import pytest
 import torch
+import xxhash
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
@@ -35,6 +35,7 @@ from cache import writer as writer_module
 from cache.chunkio import ChunkFiles
 from cache.integrity import marker_path
 from cache.paths import alias_path, cache_root
+from cache.zattrs import compressors
 from schemas import (
     ConfigError,
     IncompleteStoreError,
@@ -86,7 +87,7 @@ def test_round_trip_per_dtype(_cache_root: Path, store_dtype: str) -> None:
 
 
 def test_chunk_files_are_what_zarr_itself_reads(_cache_root: Path) -> None:
-    """The writer encodes chunk files itself (cache.chunkio); plain zarr must read them back."""
+    """The writer's shards are where plain zarr finds them: real rows at token_start, NaN in the gaps."""
     writer, data = complete_store(_cache_root, "float32")
     hidden = zarr.open_array(writer.path / hidden_name("encoder"), mode="r")
     token_ids = zarr.open_array(writer.path / "token_ids", mode="r")
@@ -129,38 +130,25 @@ def test_reads_match_across_block_sizes_and_the_zarr_fallback(
 
 
 @pytest.mark.parametrize(
-    "compressors",
-    [[BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()], [Crc32cCodec()]],
-    ids=["blosc-crc32c", "crc32c"],
-)
-@pytest.mark.parametrize(
     "dtype, fill",
-    [("float16", np.nan), ("float32", np.nan), ("uint16", 0x7FC0), ("int64", -1), ("int32", -1), ("int8", -1),
-     ("uint8", 0)],
+    [("float16", np.nan), ("float32", np.nan), ("bfloat16", 0x7FC0), ("int64", -1), ("int32", -1), ("int8", -1),
+     ("uint8", 0), (None, np.nan)],
 )  # fmt: skip
-def test_chunk_files_are_byte_for_byte_what_zarr_writes(
-    tmp_path: Path, compressors: Any, dtype: str, fill: Any
-) -> None:
-    """For every codec chain and dtype the writer uses, chunkio's chunk files equal zarr's own, both ways."""
+def test_chunk_reads_are_what_zarr_reads(tmp_path: Path, dtype: str | None, fill: Any) -> None:
+    """For every codec chain and dtype the store writes (None: the checksum alone), chunkio reads what zarr reads."""
+    chain = compressors(dtype or "str")  # text's chain, on numbers
+    physical = {"bfloat16": "uint16", None: "float16"}.get(dtype, dtype)
     rng = np.random.default_rng(0)
-    data = (rng.standard_normal((3, 40, 6)) * 50).astype(dtype)  # 40 rows: the last chunk of 16 is short
-    options = {"shape": data.shape, "chunks": (1, 16, 6), "dtype": dtype, "compressors": compressors}
-    ours = zarr.create_array(tmp_path / "ours", fill_value=fill, **options)
-    theirs = zarr.create_array(tmp_path / "theirs", fill_value=fill, **options)
-    files = ChunkFiles.of(ours, tmp_path / "ours", 1)
+    data = (rng.standard_normal((3, 40, 6)) * 50).astype(physical)  # 40 rows: the last chunk of 16 is short
+    array = zarr.create_array(
+        tmp_path / "a", shape=data.shape, chunks=(1, 16, 6), dtype=physical, compressors=chain, fill_value=fill
+    )
+    array[...] = data
+    files = ChunkFiles.of(array, tmp_path / "a", 1)
     assert files is not None
     for layer in range(3):
-        for c in range(3):
-            files.write((layer, c, 0), data[layer, c * 16 : (c + 1) * 16])
-    theirs[...] = data
-    for chunk in sorted(
-        p.relative_to(tmp_path / "theirs") for p in (tmp_path / "theirs" / "c").rglob("*") if p.is_file()
-    ):
-        assert (tmp_path / "ours" / chunk).read_bytes() == (tmp_path / "theirs" / chunk).read_bytes(), chunk
-    np.testing.assert_array_equal(ours[...], data)  # zarr reads ours
-    read = ChunkFiles.of(theirs, tmp_path / "theirs", 1)
-    assert read is not None
-    np.testing.assert_array_equal(read.read_rows((1,), 5, 37), data[1, 5:37])  # we read zarr's
+        for start, stop in ((0, 40), (5, 37), (16, 32), (33, 40), (7, 8)):
+            np.testing.assert_array_equal(files.read_rows((layer,), start, stop), array[layer, start:stop])
 
 
 def test_chunk_files_only_for_the_chains_they_implement(tmp_path: Path) -> None:
@@ -170,19 +158,19 @@ def test_chunk_files_only_for_the_chains_they_implement(tmp_path: Path) -> None:
     assert ChunkFiles.of(array("a", None), tmp_path / "a", 1) is None  # no checksum: zarr's path
     assert ChunkFiles.of(array("b", [ZstdCodec(level=1), Crc32cCodec()]), tmp_path / "b", 1) is None
     assert ChunkFiles.of(array("c", [BloscCodec(cname="lz4"), Crc32cCodec()]), tmp_path / "c", 1) is not None
+    assert ChunkFiles.of(array("d", [Crc32cCodec()]), tmp_path / "d", 1) is not None
 
 
-def test_markers_from_before_xxh3_still_verify(_cache_root: Path) -> None:
-    """Stores written with BLAKE2b-128 checksums (markers without a "checksum" name) verify."""
+def test_markers_from_before_crc32c_still_verify(_cache_root: Path) -> None:
+    """Format-2 stores whose markers hold XXH3-128 hashes of whole chunk files (written before) verify."""
     writer, _ = complete_store(_cache_root)
     marker = marker_path(writer.path, 2)
     legacy = json.loads(marker.read_text())
-    del legacy["checksum"]
+    legacy["checksum"] = "xxh3_128"
     legacy["checksums"] = {
-        array: {key: hashlib.blake2b((writer.path / array / key).read_bytes(), digest_size=16).hexdigest()
-                for key in keys}
+        array: {key: xxhash.xxh3_128_hexdigest((writer.path / array / key).read_bytes()) for key in keys}
         for array, keys in legacy["checksums"].items()
-    }  # fmt: skip
+    }
     marker.write_text(json.dumps(legacy))
     assert verify(writer.key).ok
     chunk = _chunk_file(writer, 2)
@@ -367,6 +355,27 @@ def test_a_claim_released_while_we_look_is_still_just_taken(_cache_root: Path, m
     assert writer.try_claim(writer.geometry.shards[0]) is None
 
 
+def test_a_chunk_of_fill_values_is_written_like_any_other(_cache_root: Path) -> None:
+    """A shard whose values all equal the fill (NaN pooled rows, as for empty texts) still writes its chunks:
+    zarr skips such chunks by default, and a missing chunk of a committed shard is corruption."""
+    data = synthetic()
+    writer = open_writer(_cache_root, data)
+    shard = writer.geometry.shards[1]
+    with writer.claim(1):
+        arrays = shard_arrays(data, shard)
+        arrays[pooled_name("encoder", "mean")] = np.full_like(arrays[pooled_name("encoder", "mean")], np.nan)
+        writer.write_shard(shard, arrays, data.lengths[shard.ex_start : shard.ex_stop])
+    for index in range(len(writer.geometry.shards)):
+        if index != 1:
+            write_shard(writer, data, index)
+    assert writer.finalize().complete and verify(writer.key).ok
+    pooled = open_activations(writer.key).pooled(2, lazy=False)
+    assert np.isnan(pooled[shard.ex_start : shard.ex_stop]).all()
+    np.testing.assert_array_equal(
+        pooled[: shard.ex_start], expected_storage(data.pooled[2, : shard.ex_start], "float16")
+    )
+
+
 def test_crash_leftovers_are_ignored_and_cleaned(_cache_root: Path) -> None:
     data = synthetic()
     writer = open_writer(_cache_root, data)
@@ -402,7 +411,7 @@ def _chunk_file(writer: StoreWriter, shard_index: int) -> Path:
     return writer.path / spec.name / spec.shard_chunks(writer.geometry.shards[shard_index], writer.geometry)[-1]
 
 
-def test_verify_catches_a_flipped_byte_and_a_truncated_chunk(_cache_root: Path) -> None:
+def test_verify_catches_a_flipped_byte_a_truncated_chunk_and_a_valid_chunk_from_elsewhere(_cache_root: Path) -> None:
     writer, data = complete_store(_cache_root)
     assert verify(writer.key).ok
     flipped, truncated, deleted = _chunk_file(writer, 1), _chunk_file(writer, 3), _chunk_file(writer, 4)
@@ -411,16 +420,18 @@ def test_verify_catches_a_flipped_byte_and_a_truncated_chunk(_cache_root: Path) 
     flipped.write_bytes(bytes(raw))
     truncated.write_bytes(truncated.read_bytes()[:-5])
     deleted.unlink()
+    stale = _chunk_file(writer, 2)
+    stale.write_bytes(_chunk_file(writer, 0).read_bytes())  # whole and self-consistent, but not what shard 2 wrote
     report = verify(writer.key)
-    assert not report.ok and sorted(report.corrupt) == [1, 3, 4]
+    assert not report.ok and sorted(report.corrupt) == [1, 2, 3, 4]
     assert any("checksum mismatch" in p for p in report.corrupt[1])
     assert any("is missing" in p for p in report.corrupt[4])
     assert "corrupt shard 1" in report.summary() and "corrupt shard 3" in report.summary()
     assert read_manifest(writer.path).complete, "without reset verify only reports"
     report = verify(writer.key, reset=True)
-    assert report.reset == [1, 3, 4] and not read_manifest(writer.path).complete
-    assert {s.index for s in writer.pending_shards()} == {1, 3, 4}
-    for index in (1, 3, 4):
+    assert report.reset == [1, 2, 3, 4] and not read_manifest(writer.path).complete
+    assert {s.index for s in writer.pending_shards()} == {1, 2, 3, 4}
+    for index in (1, 2, 3, 4):
         write_shard(writer, data, index)
     assert writer.finalize().complete and verify(writer.key).ok
 
