@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -14,8 +14,21 @@ from typing import Any
 from cache.files import flocked, lock_path, read_json, write_json
 from cache.keys import is_key
 from cache.paths import alias_path, as_path, cache_root, is_local, require_local, store_path
-from schemas import ActcacheError, ConfigError, StoreNotFoundError, UnsafePathError
-from schemas.store import ALIASES_DIR, MANIFEST_FILE, SCHEMA_VERSION, STORE_SUFFIX, STORES_DIR, Manifest
+from cache.zattrs import store_version
+from schemas import ActcacheError, ConfigError, NotAStoreError, StoreNotFoundError, UnsafePathError
+from schemas.store import (
+    ALIASES_DIR,
+    DATASETS_DIR,
+    FORMAT_NAME,
+    MANIFEST_FILE,
+    ROOT_ATTR,
+    SCHEMA_VERSION,
+    STORE_SUFFIX,
+    STORES_DIR,
+    TOKENIZED_DIR,
+    ZARR_JSON,
+    Manifest,
+)
 
 __all__ = [
     "StoreInfo",
@@ -25,28 +38,34 @@ __all__ = [
     "list_stores",
     "read_manifest",
     "remove_store",
+    "signed",
     "store_bytes",
 ]
 
 
+def signed(path: Path) -> Path:
+    """`path`, if it carries actcache's signature (see `store_version`); else `NotAStoreError`.
+
+    Nothing else makes a directory a store: actcache reads, repairs and removes only what it wrote.
+    """
+    if store_version(path) is None:
+        raise NotAStoreError(
+            f"{str(path)!r} is not an actcache store: its {ZARR_JSON} does not carry the root attribute "
+            f"{ROOT_ATTR!r} naming format {FORMAT_NAME!r}, so actcache neither reads nor removes it. "
+            "Fix: pass a key, an alias or a store path listed by `actcache ls`."
+        )
+    return path
+
+
 def read_manifest(path: Path) -> Manifest:
-    """The manifest of the store at `path`."""
-    manifest_file = path / MANIFEST_FILE
+    """The manifest of the store at `path` (`NotAStoreError` if `path` is not one)."""
+    manifest_file = signed(path) / MANIFEST_FILE
     if not manifest_file.is_file():
         raise StoreNotFoundError(
-            f"{str(path)!r} is not an actcache store (no {MANIFEST_FILE}). Fix: pass a key, an alias "
-            "or a store path listed by `actcache ls`."
+            f"store {str(path)!r} has lost its {MANIFEST_FILE}. Fix: run `actcache verify` on it, which "
+            "rebuilds the manifest from the copy kept at creation."
         )
     return Manifest.from_dict(read_json(manifest_file, "manifest"))
-
-
-def schema_version(path: Path) -> int | None:
-    """The schema version a store's manifest names, read without parsing the rest; None if unreadable."""
-    try:
-        version = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8")).get("schema_version")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return version if isinstance(version, int) else None
 
 
 def add_alias(root: Path, alias: str, key: str) -> None:
@@ -74,18 +93,18 @@ def find_store(ref: str | os.PathLike[str], root: Path | None = None, *, complet
     root = root or cache_root()
     text = os.fspath(ref)
     candidate = as_path(text)
-    if (candidate / MANIFEST_FILE).is_file():
-        return candidate
+    if text and ((candidate / ZARR_JSON).is_file() or (candidate / MANIFEST_FILE).is_file()):
+        return signed(candidate)
     if is_key(text):
         path = store_path(root, text)
         if path.is_dir():
-            return path
+            return signed(path)
     keys = [k for k in _alias_keys(alias_path(root, text)) if store_path(root, k).is_dir()]
     if keys:
         if complete_only:
             complete = [k for k in keys if _is_complete(store_path(root, k))]
             keys = complete or keys
-        return store_path(root, keys[-1])
+        return signed(store_path(root, keys[-1]))
     raise StoreNotFoundError(
         f"no store {text!r} in {str(root)!r}: not a store path, key or alias there. "
         "Fix: `actcache ls` lists what is cached (pass --cache-dir or set ACTCACHE_DIR for "
@@ -144,7 +163,7 @@ def list_stores(root: Path | None = None) -> list[StoreInfo]:
         try:
             m = read_manifest(path)
         except ActcacheError as exc:
-            version = schema_version(path)
+            version = store_version(path)
             infos.append(StoreInfo(key, path, (), False, 0, 0, 0, 0, store_bytes(path), "", str(exc), version))
             continue
         done = len(committed(path, m.geometry.shards))
@@ -161,6 +180,10 @@ def remove_store(ref: str | os.PathLike[str], root: Path | None = None) -> Path:
     """Delete a store (by key, alias or path) and drop it from its aliases; returns its path."""
     root = root or cache_root()
     require_local(root, "remove a store from")
+    text = os.fspath(ref)
+    for named in (as_path(text), store_path(root, text) if is_key(text) else None):
+        if named is not None and named.exists():
+            _refuse_links(named)  # before anything is read through it
     path = find_store(ref, root)
     require_local(path, "remove")
     _refuse_links(path)
@@ -188,8 +211,9 @@ def _refuse_links(path: Path) -> None:
 
 
 def gc(older_than_days: float, root: Path | None = None, *, formats: Sequence[int] = ()) -> list[Path]:
-    """Remove incomplete stores (and crashed creations) untouched for `older_than_days`,
-    and every store written in one of the schema versions `formats` (this actcache reads none but its own)."""
+    """Remove incomplete stores (and crashed creations) untouched for `older_than_days`, every store
+    written in one of the schema versions `formats` (this actcache reads none but its own), and the
+    tokenized copies and datasets' Arrow copies of local files untouched as long (rebuilt when needed)."""
     root = root or cache_root()
     cutoff = dt.datetime.now().timestamp() - older_than_days * 86400
     require_local(root, "clean up")
@@ -198,13 +222,25 @@ def gc(older_than_days: float, root: Path | None = None, *, formats: Sequence[in
             f"gc --format {SCHEMA_VERSION} would remove readable stores of this actcache's own format. "
             "Fix: remove one with `actcache rm KEY`; --format takes older formats only."
         )
+    if not math.isfinite(older_than_days) or older_than_days < 0:
+        raise ConfigError(f"gc needs an age of 0 days or more, got {older_than_days!r}")
     removed: list[Path] = []
+    for name in (TOKENIZED_DIR, DATASETS_DIR):
+        if (root / name).is_dir() and not (root / name).is_symlink():
+            for entry in sorted((root / name).iterdir()):
+                if entry.is_symlink() or _newest_mtime(entry) > cutoff:
+                    continue
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed.append(entry)
     if (root / STORES_DIR).is_symlink():  # never through a link
         return removed
     for path in sorted((root / STORES_DIR).glob("*")):
         if path.is_symlink() or not path.is_dir():  # never through a link
             continue
-        if path.name.endswith(STORE_SUFFIX) and schema_version(path) in formats:
+        if path.name.endswith(STORE_SUFFIX) and store_version(path) in formats:
             remove_store(path, root)
             removed.append(path)
             continue

@@ -66,15 +66,16 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def read_json(path: Path, what: str) -> Any:
-    """Parse a JSON file; a mangled one is `StoreCorruptError` naming `what` it was."""
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Parse a JSON file holding an object; a mangled one is `StoreCorruptError` naming `what` it was."""
+    fix = "Fix: run `actcache verify` on the store (it resets what it cannot trust), or remove it and extract again."
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise StoreCorruptError(
-            f"{what} {str(path)!r} is not valid JSON ({exc}). Fix: run `actcache verify` on the store "
-            "(it resets what it cannot trust), or remove the store and extract again."
-        ) from None
+        raise StoreCorruptError(f"{what} {str(path)!r} is not valid JSON ({exc}). {fix}") from None
+    if not isinstance(value, dict):
+        raise StoreCorruptError(f"{what} {str(path)!r} holds a JSON {type(value).__name__}, not an object. {fix}")
+    return value
 
 
 def try_flock(path: Path) -> int | None:

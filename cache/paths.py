@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from schemas import CacheDirError, ConfigError
-from schemas.store import ALIASES_DIR, HASHES_DIR, STORE_SUFFIX, STORES_DIR
+from schemas.store import ALIASES_DIR, HASHES_DIR, ROOT_DIRS, STORE_SUFFIX, STORES_DIR
 
 __all__ = [
     "alias_name",
@@ -58,14 +58,32 @@ def require_local(path: Path, doing: str) -> None:
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """`cache_dir`, else $ACTCACHE_DIR, else the platform's user cache dir (~/.cache/actcache); URLs too."""
-    if cache_dir is not None:
-        return as_path(cache_dir)
-    if os.environ.get("ACTCACHE_DIR"):
-        return as_path(os.environ["ACTCACHE_DIR"])
-    import platformdirs
+    """`cache_dir`, else $ACTCACHE_DIR, else the platform's user cache dir (~/.cache/actcache); URLs too.
 
-    return Path(platformdirs.user_cache_dir("actcache"))
+    `CacheDirError` for an empty `cache_dir` (it would mean the current directory) and for a
+    local root, or one of its directories (stores/, aliases/, ...), that is a file.
+    """
+    if cache_dir is not None and not os.fspath(cache_dir).strip():
+        raise CacheDirError(
+            "--cache-dir is empty, which would put the cache in the current directory. Fix: pass a directory, "
+            "or leave the option out for $ACTCACHE_DIR or ~/.cache/actcache."
+        )
+    if cache_dir is not None:
+        root = as_path(cache_dir)
+    elif os.environ.get("ACTCACHE_DIR", "").strip():
+        root = as_path(os.environ["ACTCACHE_DIR"])
+    else:
+        import platformdirs
+
+        root = Path(platformdirs.user_cache_dir("actcache"))
+    if is_local(root):
+        for path in (root, *(root / name for name in ROOT_DIRS)):
+            if path.exists() and not path.is_dir():
+                raise CacheDirError(
+                    f"{str(path)!r} is a file, where actcache keeps a directory of its cache root {str(root)!r}. "
+                    "Fix: pass another --cache-dir, or move that file away."
+                )
+    return root
 
 
 def store_path(root: Path, key: str) -> Path:

@@ -20,6 +20,7 @@ the same read time, on arrays too small for speed to matter. Text gets the check
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,10 +33,12 @@ from schemas.store import (
     FORMAT_NAME,
     HOW_TO_READ,
     LAYER,
+    MANIFEST_ATTR,
     ROOT_ATTR,
     SCHEMA_VERSION,
     SHARD_EXAMPLE_START,
     SHARD_EXAMPLE_STOP,
+    ZARR_JSON,
     Manifest,
     metadata_name,
 )
@@ -47,6 +50,7 @@ __all__ = [
     "metadata_columns",
     "root_attributes",
     "set_complete",
+    "store_version",
     "zarr_group",
 ]
 
@@ -149,6 +153,30 @@ def zarr_group(path: Path, mode: str = "r") -> Any:
     import zarr
 
     return zarr.open_group(str(path), mode=mode, use_consolidated=False)  # type: ignore[arg-type]
+
+
+def store_version(path: Path) -> int | None:
+    """The schema version of the actcache store at `path`, from its signature; None if it is not one.
+
+    The signature is the root group's `actcache` attribute naming actcache's format and a
+    version (format 2 on), or the creation manifest format 1 kept there. Read from zarr.json
+    as JSON: no zarr import, and nothing else in the directory is trusted.
+    """
+    try:
+        meta = json.loads((path / ZARR_JSON).read_bytes())
+    except (OSError, ValueError):  # absent, unreadable, not JSON, not UTF-8
+        return None
+    attrs = meta.get("attributes") if isinstance(meta, dict) else None
+    if not isinstance(attrs, dict):
+        return None
+    ours, legacy = attrs.get(ROOT_ATTR), attrs.get(MANIFEST_ATTR)
+    if isinstance(ours, dict) and ours.get("format") == FORMAT_NAME:
+        version = ours.get("schema_version")
+    elif isinstance(legacy, dict) and legacy.get("schema_version") == 1 and isinstance(legacy.get("key"), str):
+        version = 1
+    else:
+        return None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
 def root_attributes(group: Any) -> dict[str, Any]:

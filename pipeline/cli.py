@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -68,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                 help="only report; leave corrupt shards marked done",
             )
         if name == "gc":
-            sub.add_argument("--older-than", type=float, default=7.0, metavar="DAYS", help="age in days (default 7)")
+            sub.add_argument(
+                "--older-than", type=_days, default=7.0, metavar="DAYS", help="age in days, 0 or more (default 7)"
+            )
             sub.add_argument(
                 "--format",
                 type=int,
@@ -190,7 +193,12 @@ def _add_extract(commands: Any) -> None:
         default=None,
         help="load in full precision even where the registry quantizes (llama3)",
     )
-    how.add_argument("--cache-dir", help="cache root (default: $ACTCACHE_DIR, else ~/.cache/actcache)")
+    how.add_argument(
+        "--cache-dir",
+        help="cache root (default: $ACTCACHE_DIR, else ~/.cache/actcache): every file actcache writes goes there "
+        "(stores, tokenized data, datasets' Arrow copies of local files); Hub models and datasets are read from "
+        "the Hugging Face cache ($HF_HOME)",
+    )
     how.add_argument("--force", action="store_true", help="remove an existing store for this request and extract again")
     how.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary; print only the store path")
     how.add_argument(
@@ -199,6 +207,32 @@ def _add_extract(commands: Any) -> None:
     how.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code to run")
     how.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; unpickling runs code")
     p.set_defaults(func=_cmd_extract)
+
+
+def _days(text: str) -> float:
+    """An age in days: a finite number, 0 or more (a negative one or NaN would make every store old)."""
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not math.isfinite(days) or days < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the age must be a finite number of days, 0 or more")
+    return days
+
+
+def _joined_values(argv: Sequence[str], options: Sequence[str] = ("--layers",)) -> list[str]:
+    """`--layers -1,-7` as `--layers=-1,-7`: argparse takes a value that starts with '-' for an option."""
+    out: list[str] = []
+    items = list(argv)
+    i = 0
+    while i < len(items):
+        if items[i] in options and i + 1 < len(items) and items[i + 1].startswith("-") and items[i + 1][1:2].isdigit():
+            out.append(f"{items[i]}={items[i + 1]}")
+            i += 2
+        else:
+            out.append(items[i])
+            i += 1
+    return out
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
@@ -246,6 +280,9 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         sizes = f"{i.n_examples:>9}  {i.n_tokens:>11}  {_size(i.bytes):>10}"
         print(f"{i.key:32}  {state:10}  {shards:>9}  {sizes}  {', '.join(i.aliases) or '-'}")
     print(f"{len(infos)} store(s) in {root}")
+    for i in infos:
+        if i.error and not (i.schema_version is not None and i.schema_version != SCHEMA_VERSION):
+            print(f"{i.key}: {' '.join(i.error.split())}")
     old = sorted({i.schema_version for i in infos if i.schema_version not in (None, SCHEMA_VERSION)})
     if old:
         print(f"stores of format {', '.join(map(str, old))} cannot be read by this actcache (format {SCHEMA_VERSION}); "
@@ -293,7 +330,10 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     for path in removed:
         print(f"removed {path}")
     formats = "".join(f", or of format {v}" for v in args.formats)
-    print(f"{len(removed)} store(s) removed (incomplete and older than {args.older_than:g} days{formats})")
+    print(
+        f"{len(removed)} removed: stores incomplete and untouched for {args.older_than:g} days{formats}, "
+        "and tokenized or Arrow copies of data unused as long"
+    )
     return 0
 
 
@@ -362,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Every error ends as one line naming the problem and the fix (`--debug` adds the traceback).
     """
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_joined_values(sys.argv[1:] if argv is None else argv))
     try:
         with _process_signals():
             return int(args.func(args))

@@ -109,11 +109,22 @@ def resolve_dataset(
 ) -> DatasetSpec:
     """A `DatasetSpec` for a registry name, a local file or a Hub id, with the CLI's overrides."""
     overrides: dict[str, Any] = {"split": split, "text_columns": text_columns, "pair": pair, "limit": limit}
+    repeated = sorted({c for c in text_columns or () if list(text_columns or ()).count(c) > 1})
+    if repeated:
+        raise ConfigError(
+            f"--text-column {repeated[0]!r} is given more than once, which would store every example twice. "
+            "Fix: name each text column once."
+        )
     if config is not None:
         overrides["configs"] = tuple(c for c in config.split(",") if c)
     if data in DATASETS:
         return DATASETS[data].with_(**overrides)
     path = Path(data).expanduser()
+    if path.exists() and config is not None:
+        raise ConfigError(
+            f"--config {config!r} applies to Hub datasets, and {data!r} is a local file, which has none. "
+            "Fix: leave --config out (or split the file by its own columns)."
+        )
     if path.exists():
         if path.suffix.lower() not in FILE_BUILDERS or not path.is_file():
             raise ConfigError(f"cannot read {data!r}: local datasets are files ending in {', '.join(FILE_BUILDERS)}")
@@ -127,9 +138,13 @@ def resolve_dataset(
     )
 
 
-def load_examples(spec: DatasetSpec) -> Examples:
-    """Load `spec`'s rows (offline from the local cache when HF_DATASETS_OFFLINE is set) as examples."""
-    tables, revision = _load_tables(spec)
+def load_examples(spec: DatasetSpec, arrow_cache: Path | None = None) -> Examples:
+    """Load `spec`'s rows (offline from the local cache when HF_DATASETS_OFFLINE is set) as examples.
+
+    `arrow_cache` is where `datasets` keeps its Arrow copy of a local file (under actcache's
+    cache root, so `actcache gc` cleans it); Hub datasets stay in the Hugging Face cache.
+    """
+    tables, revision = _load_tables(spec, arrow_cache)
     texts: list[Any] = []
     metadata: dict[str, list[Any]] = {}
     digest = hashlib.sha256()
@@ -148,7 +163,7 @@ def load_examples(spec: DatasetSpec) -> Examples:
             if language is not None:
                 base.setdefault("language", language)
             base.setdefault("row", row_index)
-            values = [_text(row[c]) for c in spec.text_columns]
+            values = [_text(row[c], c, row_index) for c in spec.text_columns]
             units = (
                 [(tuple(values), None)]
                 if spec.pair
@@ -179,12 +194,17 @@ def _limited(rows: list[dict[str, Any]], limit: int | None, per_language: bool) 
     return kept
 
 
-def _text(value: Any) -> str:
-    # A missing text (None) becomes an empty example: counted, stored, never a crash.
-    return "" if value is None else str(value)
+def _text(value: Any, column: str, row: int) -> str:
+    """A text value; a missing one (None) is an empty example (counted, stored, never a crash)."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise ConfigError(
+        f"text column {column!r} holds {type(value).__name__} values, not text: row {row} is {repr(value)[:60]}. "
+        "Fix: pick a column of strings with --text-column, or convert this one to strings first."
+    )
 
 
-def _load_tables(spec: DatasetSpec) -> tuple[list[tuple[str | None, Any]], str | None]:
+def _load_tables(spec: DatasetSpec, arrow_cache: Path | None) -> tuple[list[tuple[str | None, Any]], str | None]:
     """The tables of `spec` (one per config, with its name) and the Hub commit they were prepared from."""
     import datasets
 
@@ -193,12 +213,12 @@ def _load_tables(spec: DatasetSpec) -> tuple[list[tuple[str | None, Any]], str |
     level = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity_error()
     try:
-        return _read_tables(spec)
+        return _read_tables(spec, arrow_cache)
     finally:
         datasets.logging.set_verbosity(level)
 
 
-def _read_tables(spec: DatasetSpec) -> tuple[list[tuple[str | None, Any]], str | None]:
+def _read_tables(spec: DatasetSpec, arrow_cache: Path | None) -> tuple[list[tuple[str | None, Any]], str | None]:
     import datasets
 
     try:
@@ -206,7 +226,8 @@ def _read_tables(spec: DatasetSpec) -> tuple[list[tuple[str | None, Any]], str |
             builder = FILE_BUILDERS[Path(spec.path).suffix.lower()]
             # A file is one split: 'train' as `datasets` names it, 'test' for the shipped sample.
             name = "test" if spec.source == "package" else "train"
-            loaded = datasets.load_dataset(builder, data_files={name: spec.path})
+            cache_dir = str(arrow_cache) if arrow_cache is not None else None
+            loaded = datasets.load_dataset(builder, data_files={name: spec.path}, cache_dir=cache_dir)
             return [(None, _split(loaded, spec).data.table)], None
         configs: list[str | None] = list(spec.configs) if spec.configs else [None]
         cache = str(hf_cache_dir("datasets"))  # read now: `datasets` fixes its default at import time
@@ -241,7 +262,28 @@ def _split(loaded: Any, spec: DatasetSpec) -> Any:
         raise ConfigError(
             f"dataset {spec.name!r} has no split {spec.split!r}; it has {sorted(loaded)}. Fix: --split NAME."
         )
-    return loaded[spec.split].flatten_indices()
+    split = loaded[spec.split].flatten_indices()
+    _check_text_columns(split, spec)
+    return split
+
+
+def _check_text_columns(split: Any, spec: DatasetSpec) -> None:
+    """`ConfigError` for a text column whose values are not strings (numbers, lists, objects; None is fine).
+
+    Mixed JSON values come as a `Json` feature, kept encoded in Arrow: decoded here to name the row.
+    """
+    import datasets
+
+    for column in spec.text_columns:
+        feature = split.features.get(column)
+        if feature is None or (isinstance(feature, datasets.Value) and feature.dtype in _TEXT_DTYPES):
+            continue  # a missing column is reported with the dataset's columns
+        encoded = type(feature).__name__ == "Json"
+        for row, value in enumerate(split.data.table.column(column).to_pylist()):
+            _text(json.loads(value) if encoded and value is not None else value, column, row)
+
+
+_TEXT_DTYPES = ("string", "large_string", "null")
 
 
 def _not_available(spec: DatasetSpec, exc: BaseException) -> DatasetNotAvailableError:

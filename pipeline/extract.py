@@ -32,7 +32,7 @@ from pipeline.resolve import Resolved, resolve
 from pipeline.run import run_shards
 from pipeline.tokenize import tokenize_examples
 from schemas import ConfigError, OutputSpec
-from schemas.store import Manifest, build_arrays
+from schemas.store import TOKENIZED_DIR, Manifest, build_arrays
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract"]
 
@@ -72,6 +72,19 @@ class ExtractConfig:
             raise ConfigError(f"--shard-tokens must be at least 1, got {self.shard_tokens}")
 
 
+def _check_summary_path(summary_json: str | None) -> None:
+    if not summary_json:
+        return
+    path = Path(summary_json).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--summary-json {summary_json!r} is a directory. Fix: pass a file path, like run.json.")
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"--summary-json {summary_json!r}: the folder {str(path.parent)!r} does not exist. "
+            "Fix: create it, or pass a path in an existing folder."
+        )
+
+
 @dataclass
 class ExtractResult:
     key: str
@@ -99,6 +112,8 @@ def _extract(cfg: ExtractConfig, out: TextIO, gc_enabled: bool) -> ExtractResult
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=out, flush=True))
     started = time.perf_counter()
     stages = _Stages()
+    coerce_device(cfg.device)  # a device this machine lacks is an error even when the store is cached
+    _check_summary_path(cfg.summary_json)  # before the run, not after the store is complete
     root = ensure_writable(cache_root(cfg.cache_dir))
     dataset = resolve_dataset(
         cfg.data,
@@ -145,7 +160,7 @@ def _extract(cfg: ExtractConfig, out: TextIO, gc_enabled: bool) -> ExtractResult
         resolved.examples,
         resolved.tokenizer,
         max_length=resolved.max_length,
-        cache_dir=root / "tokenized",
+        cache_dir=root / TOKENIZED_DIR,
         tok_hash=resolved.tokenizer_hash,
     )
     stages.lap("tokenize")
@@ -312,7 +327,7 @@ def _finish(cfg: ExtractConfig, say: Any, out: TextIO, summary: dict[str, Any]) 
     """The summary (printed, and as JSON where asked), then the store path as the last line."""
     _print_summary(say, summary)
     if cfg.summary_json:
-        Path(cfg.summary_json).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+        Path(cfg.summary_json).expanduser().write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     print(summary["path"], file=out, flush=True)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cache import cache_key
+from cache.paths import is_local
 from pipeline.datasets import Examples, load_examples
 from pipeline.models import resolve_checkpoint, resolve_spec
 from pipeline.models.base import load_tokenizer, max_length_for, quantization_bits
@@ -21,6 +22,7 @@ from pipeline.tokenize import tokenizer_hash
 from schemas import CheckpointError, ExtractionRequest, ModelSpec, OutputSpec
 from schemas.dataset import DatasetSpec
 from schemas.model import parse_dtype_name
+from schemas.store import DATASETS_DIR
 
 __all__ = ["Resolved", "model_depths", "resolve"]
 
@@ -85,7 +87,8 @@ def resolve(
     layers = outputs.resolve_layers(n_states)
     max_length = max_length_for(spec, tokenizer, config.get("max_position_embeddings"))
     tok_hash = tokenizer_hash(tokenizer)
-    examples = load_examples(dataset)
+    arrow_cache = cache_dir / DATASETS_DIR if cache_dir is not None and is_local(cache_dir) else None
+    examples = load_examples(dataset, arrow_cache)
     model_identity = {
         **checkpoint.identity(memo_dir=cache_dir),
         "arch": spec.arch,

@@ -12,6 +12,7 @@
     │                                             bitsandbytes missing or not usable on the device
     └── CacheError                                the activation store
         ├── StoreNotFoundError (FileNotFoundError) no store for a key, alias or path
+        │   └── NotAStoreError                    a directory without actcache's signature (never removed)
         ├── IncompleteStoreError                  shards still missing (allow_partial reads the rest)
         ├── ShardClaimedError                     another live process is writing that shard
         ├── StoreCorruptError                     manifest, marker or chunk fails its checksum
@@ -36,6 +37,7 @@ __all__ = [
     "LayoutMismatchError",
     "ModelError",
     "ModelNotAvailableError",
+    "NotAStoreError",
     "QuantizationUnsupportedError",
     "SchemaVersionError",
     "ShardClaimedError",
@@ -89,6 +91,10 @@ class CacheError(ActcacheError):
 
 class StoreNotFoundError(CacheError, FileNotFoundError):
     """No store for that key, alias or path."""
+
+
+class NotAStoreError(StoreNotFoundError):
+    """A directory without actcache's signature: never read, repaired or removed as a store."""
 
 
 class IncompleteStoreError(CacheError):

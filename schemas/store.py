@@ -48,6 +48,7 @@ __all__ = [
     "BFLOAT16_NAN_BITS",
     "CHUNK_KEY_ENCODING",
     "CLAIM_SUFFIX",
+    "DATASETS_DIR",
     "DIMENSIONS",
     "FORMAT_NAME",
     "HASHES_DIR",
@@ -65,6 +66,7 @@ __all__ = [
     "PHYSICAL_DTYPES",
     "POOLINGS",
     "ROOT_ATTR",
+    "ROOT_DIRS",
     "SCHEMA_VERSION",
     "SHARDS_DIR",
     "SHARD_COMMITTED",
@@ -75,9 +77,11 @@ __all__ = [
     "STORES_DIR",
     "STORE_SUFFIX",
     "SUPPORTED_SCHEMA_VERSIONS",
+    "TOKENIZED_DIR",
     "TOKEN_IDS",
     "TOKEN_START",
     "TOKEN_STOP",
+    "ZARR_JSON",
     "ArraySpec",
     "Geometry",
     "Manifest",
@@ -108,11 +112,15 @@ HOW_TO_READ = (
 STORES_DIR = "stores"
 ALIASES_DIR = "aliases"
 HASHES_DIR = "hashes"  # remembered SHA-256 digests of local model files (see pipeline.models.hub.content_hash)
+TOKENIZED_DIR = "tokenized"  # tokenized datasets, by content hash
+DATASETS_DIR = "datasets"  # Hugging Face datasets' Arrow copies of local data files (its cache_dir for them)
+ROOT_DIRS = (STORES_DIR, ALIASES_DIR, HASHES_DIR, TOKENIZED_DIR, DATASETS_DIR)  # everything actcache puts in a root
 STORE_SUFFIX = ".zarr"
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
 MARKER_SUFFIX = ".json"
 CLAIM_SUFFIX = ".claim"
+ZARR_JSON = "zarr.json"  # a Zarr v3 node's metadata file; the root's attributes carry actcache's signature
 MANIFEST_ATTR = "actcache_manifest"  # the creation-time manifest, kept in the group's attributes
 
 OFFSETS = "offsets"

@@ -197,3 +197,69 @@ def test_long_text_is_truncated_at_the_model_limit(tiny_dir: Any) -> None:
     batch = runner.tokenize(["bank " * 500])
     assert batch["input_ids"].shape[1] == runner.max_length == 64
     assert torch.isfinite(runner.forward(batch).encoder_hidden_states[-1]).all()
+
+
+def _copy(tiny_dir: Any, tmp_path: Path, family: str = "bert") -> Path:
+    return shutil.copytree(tiny_dir(family), tmp_path / f"broken-{family}")
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused(tiny_dir: Any, tmp_path: Path) -> None:
+    """transformers would build an empty tokenizer: every word [UNK], stored and cached as if real."""
+    target = _copy(tiny_dir, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (target / name).unlink()
+    with pytest.raises(CheckpointError, match="holds no tokenizer vocabulary.*save_pretrained"):
+        load_model(target, device="cpu")
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "mt5"])
+def test_a_config_with_more_layers_than_the_weights_is_refused(tiny_dir: Any, tmp_path: Path, family: str) -> None:
+    target = _copy(tiny_dir, tmp_path, family)
+    config = json.loads((target / "config.json").read_text())
+    field = {"mt5": "num_layers"}.get(family, "num_hidden_layers")
+    config[field] += 2
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"do not fit its config.json .*missing \(would be random\)"):
+        load_model(target, device="cpu")
+
+
+def test_weights_of_the_wrong_size_are_refused(tiny_dir: Any, tmp_path: Path) -> None:
+    target = _copy(tiny_dir, tmp_path)
+    config = json.loads((target / "config.json").read_text())
+    config["intermediate_size"] += 8
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="wrong size|size mismatch"):
+        load_model(target, device="cpu")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_safetensors_file_is_named(tiny_dir: Any, tmp_path: Path, damage: str) -> None:
+    target = _copy(tiny_dir, tmp_path)
+    weights = target / "model.safetensors"
+    raw = weights.read_bytes()
+    weights.write_bytes(raw[: len(raw) - 100] if damage == "truncated" else b"\x00garbage" * 100)
+    with pytest.raises(CheckpointError, match=r"model.safetensors' is not a whole safetensors file"):
+        load_model(target, device="cpu")
+
+
+def test_a_damaged_pickle_file_is_named(tiny_dir: Any, tmp_path: Path) -> None:
+    target = _copy(tiny_dir, tmp_path)
+    (target / "model.safetensors").unlink()
+    (target / "pytorch_model.bin").write_bytes(b"not a torch archive" * 10)
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin' is not a whole torch.save archive"):
+        load_model(target, device="cpu", allow_pickle=True)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [([1, 2], "holds a JSON list, not an object"), ({"hidden_size": "big"}, "hidden_size is 'big', not a whole")],
+)
+def test_a_config_that_is_not_an_object_of_whole_sizes_is_refused(
+    tiny_dir: Any, tmp_path: Path, config: Any, message: str
+) -> None:
+    target = _copy(tiny_dir, tmp_path)
+    if isinstance(config, dict):
+        config = json.loads((target / "config.json").read_text()) | config
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        load_model(target, device="cpu")

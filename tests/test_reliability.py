@@ -270,11 +270,11 @@ def test_an_error_with_a_multi_line_cause_is_still_one_line_and_a_closed_pipe_is
 def test_an_os_failure_is_one_line_and_debug_shows_the_traceback(workdir: Any, tmp_path: Path) -> None:
     model, data, _clean = workdir
     args = ["extract", "--model", str(model), "--data", str(data), "--cache-dir", str(tmp_path / "c"), "--quiet"]
-    bad = str(tmp_path / "no-such-dir" / "summary.json")
+    bad = str(tmp_path / ("x" * 300) / "summary.json")  # a name the file system refuses: ENAMETOOLONG
     done = _cli(*args, "--summary-json", bad)
     assert done.returncode == 1
     [line] = done.stderr.strip().splitlines()
-    assert line.startswith("actcache: error: No such file or directory") and bad in line and "--debug" in line
+    assert line.startswith("actcache: error: File name too long") and bad in line and "--debug" in line
     debug = _cli(*args, "--summary-json", bad, "--debug")
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1] == line

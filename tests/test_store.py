@@ -563,6 +563,10 @@ def test_stores_of_an_older_format_are_marked_refused_and_removed_by_gc(_cache_r
     manifest = json.loads((old.path / MANIFEST_FILE).read_text())
     manifest["schema_version"] = 1  # as every store written before format 2 says
     (old.path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    root_meta = json.loads((old.path / "zarr.json").read_text())  # format 1's signature: the manifest copy alone
+    root_meta["attributes"] = {"actcache_manifest": manifest}
+    root_meta.pop("consolidated_metadata", None)
+    (old.path / "zarr.json").write_text(json.dumps(root_meta))
     with pytest.raises(
         SchemaVersionError,
         match="schema version 1; this actcache reads versions 2.*older format.*actcache gc --format 1",

@@ -11,6 +11,7 @@ an example's hidden states do not depend on its batch neighbours.
 from __future__ import annotations
 
 import contextlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -74,6 +75,15 @@ def load_tokenizer(path: Path, spec: ModelSpec, *, trust_remote_code: bool = Fal
             f"could not load a tokenizer from {str(path)!r}: {exc}. Fix: save the tokenizer next to "
             "the model (tokenizer.save_pretrained(dir))."
         ) from exc
+    specials = set(tokenizer.all_special_tokens)
+    if not any(token not in specials for token in tokenizer.get_vocab()):
+        # transformers builds an empty tokenizer from a directory without vocabulary files:
+        # every word would become the unknown token, and be cached so.
+        raise CheckpointError(
+            f"{str(path)!r} holds no tokenizer vocabulary (no tokenizer.json, vocab.txt, *.model or vocab.json "
+            "there): every word would become the unknown token. Fix: save the tokenizer next to the model "
+            "(tokenizer.save_pretrained(dir))."
+        )
     tokenizer.padding_side = "right"
     if spec.arch == "decoder_only" and tokenizer.pad_token is None:
         # Llama has no pad token; padded positions are masked, so any id will do.
@@ -157,13 +167,46 @@ class BaseModelRunner(ABC):
             return self._given_tokenizer
         return load_tokenizer(self.checkpoint.path, self.spec, trust_remote_code=self.trust_remote_code)
 
-    def _from_pretrained(self, auto_class: Any, **kwargs: Any) -> Any:
-        """`auto_class.from_pretrained` on the resolved directory with this runner's options."""
+    # Weights a runner never uses, which a checkpoint may lack or carry: a bare encoder's pooler,
+    # the heads of a checkpoint saved for a task. Anything else missing, unexpected or mismatched
+    # means weights that do not fit the config (a random layer, a wrong size): an error.
+    unused_weights: ClassVar[tuple[str, ...]] = (r"(^|\.)pooler\.", r"(^|\.)(classifier|qa_outputs|score)\.")
+
+    def _check_loading_info(self, auto_class: Any, info: dict[str, Any]) -> None:
+        problems = {
+            "missing (would be random)": [k for k in info.get("missing_keys", ()) if not self._unused(k)],
+            "unexpected": [k for k in info.get("unexpected_keys", ()) if not self._unused(k)],
+            "of the wrong size": [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", ())],
+            "unreadable": [str(m) for m in info.get("error_msgs", ())],
+        }
+        found = {what: sorted(keys) for what, keys in problems.items() if keys}
+        if found:
+            said = "; ".join(
+                f"{len(keys)} {what}: {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
+                for what, keys in found.items()
+            )
+            raise CheckpointError(
+                f"the weights in {str(self.checkpoint.path)!r} do not fit its config.json as {auto_class.__name__} "
+                f"({said}). Fix: point at a complete checkpoint, or correct config.json (its layer count and sizes) "
+                "to match the weights."
+            )
+
+    def _unused(self, key: str) -> bool:
+        return any(re.search(pattern, key) for pattern in self.unused_weights)
+
+    def _from_pretrained(self, auto_class: Any, *, check: bool = True, **kwargs: Any) -> Any:
+        """`auto_class.from_pretrained` on the resolved directory with this runner's options.
+
+        With `check`, any weight the model lacks, does not expect or gets at a different size
+        is a `CheckpointError` (see `unused_weights`); the model is returned alone.
+        Without, the caller judges: (model, loading info).
+        """
         options: dict[str, Any] = {
             "dtype": self.dtype,
             "use_safetensors": self._safetensors,
             "trust_remote_code": self.trust_remote_code,
             "local_files_only": True,
+            "ignore_mismatched_sizes": True,  # reported in the loading info, and refused by us with names
         }
         if self.output_attentions:
             options["attn_implementation"] = "eager"  # fused kernels return no attention maps
@@ -179,17 +222,20 @@ class BaseModelRunner(ABC):
             )
         try:
             with quiet_transformers():
-                loaded = auto_class.from_pretrained(str(self.checkpoint.path), **options, **kwargs)
+                model, info = auto_class.from_pretrained(
+                    str(self.checkpoint.path), **options, **kwargs, output_loading_info=True
+                )
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(
                 f"could not load {str(self.checkpoint.path)!r} as {auto_class.__name__}: {exc}"
             ) from exc
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if check:
+            self._check_loading_info(auto_class, info)
         if self.quant_bits:
             probe_quantized(model, self.dtype, self.quant_bits, model_name=self.spec.name)
         else:
             model.to(self.device)
-        return loaded
+        return model if check else (model, info)
 
     def _max_length(self) -> int:
         return max_length_for(self.spec, self.tokenizer, getattr(self.model.config, "max_position_embeddings", None))

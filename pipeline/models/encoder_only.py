@@ -22,6 +22,8 @@ class EncoderModelRunner(BaseModelRunner):
 
     arch = "encoder_only"
     hidden_field = "encoder_hidden_states"
+    # The masked-LM head of a checkpoint loaded as a bare encoder (when its head is incomplete).
+    unused_weights = (*BaseModelRunner.unused_weights, r"^cls\.", r"^lm_head\.")
 
     def _load_model(self) -> Any:
         from transformers import AutoModel, AutoModelForMaskedLM
@@ -30,11 +32,12 @@ class EncoderModelRunner(BaseModelRunner):
         if not _may_have_lm_head(read_config(self.checkpoint.path)):
             return self._from_pretrained(AutoModel)  # saved as a bare encoder: load it once, as that
         try:
-            model, info = self._from_pretrained(AutoModelForMaskedLM, output_loading_info=True)
+            model, info = self._from_pretrained(AutoModelForMaskedLM, check=False)
         except CheckpointError:
             pass  # no masked-LM class for this config: a plain encoder it is
         else:
             if not info["missing_keys"]:
+                self._check_loading_info(AutoModelForMaskedLM, info)
                 self.has_lm_head = True
                 return model
             del model  # the head would be random weights: not logits anyone wants

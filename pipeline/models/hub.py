@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -148,11 +149,24 @@ def read_config(path: Path) -> dict[str, Any]:
             "Fix: point at the directory that save_pretrained() wrote."
         )
     try:
-        return dict(json.loads(config_file.read_text(encoding="utf-8")))
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(
             f"{str(config_file)!r} is not valid JSON ({exc}). Fix: rewrite it with save_pretrained()."
         ) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{str(config_file)!r} holds a JSON {type(config).__name__}, not an object of settings. "
+            "Fix: rewrite it with save_pretrained()."
+        )
+    for name in _SIZE_FIELDS:
+        value = config.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise CheckpointError(
+                f"{str(config_file)!r}: {name} is {value!r}, not a whole number of 0 or more. "
+                "Fix: correct it, or rewrite the config with save_pretrained()."
+            )
+    return config
 
 
 def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
@@ -168,8 +182,43 @@ def load_config(path: Path, *, trust_remote_code: bool = False) -> Any:
         ) from exc
 
 
+_SIZE_FIELDS = (
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+    "max_position_embeddings", "d_model", "num_layers", "num_decoder_layers", "num_heads", "d_ff", "n_layer", "n_embd",
+)  # fmt: skip
+
+
+def check_weight_files(path: Path) -> None:
+    """`CheckpointError` naming a weight file that is truncated or not what its name says.
+
+    A safetensors file is an 8-byte header length, a JSON header and the tensors, whose
+    offsets the header gives: the file must be exactly that long. A .bin is a zip archive
+    (torch.save) whose directory must be whole. Nothing but the headers is read.
+    """
+    fix = "Fix: copy or save the weights again (save_pretrained()); the file is damaged or not a weight file."
+    for file in sorted(p for pattern in SAFE_WEIGHTS for p in path.glob(pattern)):
+        try:
+            with open(file, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size)) if 0 < size < 100 << 20 else None
+        except (ValueError, UnicodeDecodeError):
+            header = None
+        ends = [
+            t["data_offsets"][1]
+            for k, t in (header.items() if isinstance(header, dict) else ())
+            if k != "__metadata__" and isinstance(t, dict) and len(t.get("data_offsets", ())) == 2
+        ]
+        if not isinstance(header, dict) or file.stat().st_size != 8 + size + max(ends, default=0):
+            raise CheckpointError(f"weight file {str(file)!r} is not a whole safetensors file. {fix}")
+    if any(path.glob("*.safetensors")):
+        return  # transformers loads those, never the pickles beside them
+    for file in sorted(p for pattern in PICKLE_WEIGHTS for p in path.glob(pattern)):
+        if not zipfile.is_zipfile(file):
+            raise CheckpointError(f"weight file {str(file)!r} is not a whole torch.save archive. {fix}")
+
+
 def check_weights(path: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> bool:
-    """Refuse directories that cannot be loaded safely; return True when weights are safetensors."""
+    """Refuse directories that cannot be loaded safely or whole; return True when weights are safetensors."""
     config = read_config(path)
     if "auto_map" in config and not trust_remote_code:
         raise UnsafeCheckpointError(
@@ -177,6 +226,7 @@ def check_weights(path: Path, *, allow_pickle: bool = False, trust_remote_code: 
             "that code. Fix: pass trust_remote_code=True (--trust-remote-code) if you trust it."
         )
     if any(any(path.glob(pattern)) for pattern in SAFE_WEIGHTS):
+        check_weight_files(path)
         return True
     pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
     if not pickles:
@@ -190,6 +240,7 @@ def check_weights(path: Path, *, allow_pickle: bool = False, trust_remote_code: 
             "arbitrary code. Fix: convert them to safetensors, or pass allow_pickle=True "
             "(--allow-pickle) if you trust the files."
         )
+    check_weight_files(path)
     return False
 
 
