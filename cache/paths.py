@@ -112,9 +112,9 @@ def alias_path(root: Path, alias: str) -> Path:
 
 def hash_memo_path(root: Path, directory: Path) -> Path:
     """Where the file digests of model `directory` are remembered under `root` (one file per directory)."""
-    import hashlib
+    from cache.keys import hash_value
 
-    return root / HASHES_DIR / f"{hashlib.sha256(str(directory).encode()).hexdigest()[:32]}.json"
+    return root / HASHES_DIR / f"{hash_value(str(directory), length=32)}.json"
 
 
 def ensure_writable(root: Path) -> Path:

@@ -8,29 +8,39 @@ inside the package, so the default job runs offline). Anything else: a local fil
 Premise and hypothesis are separate examples by default: the metrics this cache feeds
 (cross-lingual similarity, probes) compare sentence representations, and a pair would
 mix two sentences in every token's context. ``--pair`` stores them as one example.
+
+What goes wrong is told by the exception's type, never its text: the Hub's answer
+(``DatasetNotFoundError``), no network and no cached copy (``ConnectionError``), a file that
+is not what its suffix says (a parse error), a system that refuses a read or a write
+(``OSError`` with an errno: no space, a file-size limit, no permission), each with its own
+message and fix. `datasets`' progress bars and log lines are off while it runs (our error
+is the one line the user sees) and set back as they were afterwards.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import errno
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from cache.keys import Hasher
 from pipeline.models.hub import hf_cache_dir
 from schemas import ConfigError
 from schemas.dataset import DatasetSpec
-from schemas.errors import ActcacheError
+from schemas.errors import DatasetIOError, DatasetNotAvailableError
 
 __all__ = [
     "DATASETS",
     "XNLI_LANGUAGES",
-    "DatasetNotAvailableError",
+    "DatasetNotAvailableError",  # defined in schemas.errors; importable from here as before
     "Examples",
     "load_examples",
+    "quiet_datasets",
     "resolve_dataset",
 ]
 
@@ -61,15 +71,12 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
 )
 
 
-class DatasetNotAvailableError(ActcacheError, FileNotFoundError):
-    """The dataset is neither registered, nor a local file, nor loadable from the Hub or its cache."""
-
-
 @dataclass(frozen=True)
 class Examples:
     """Examples in dataset order: `texts` (str, or a (str, str) pair), metadata columns, identity.
 
-    `content_hash` hashes every text and metadata value used, in order: the dataset's
+    `content_hash` hashes every text and metadata value used, in order, each with its type
+    (`cache.keys.Hasher`: a datetime and its ISO string, 1 and "1", differ): the dataset's
     identity in the cache key, whatever path or mtime the files have.
     """
 
@@ -147,7 +154,7 @@ def load_examples(spec: DatasetSpec, arrow_cache: Path | None = None) -> Example
     tables, revision = _load_tables(spec, arrow_cache)
     texts: list[Any] = []
     metadata: dict[str, list[Any]] = {}
-    digest = hashlib.sha256()
+    hasher = Hasher()
     for language, table in tables:
         columns = table.column_names
         missing = [c for c in spec.text_columns if c not in columns]
@@ -174,9 +181,8 @@ def load_examples(spec: DatasetSpec, arrow_cache: Path | None = None) -> Example
                 for name in [*metadata, *(k for k in record if k not in metadata)]:
                     metadata.setdefault(name, [None] * len(texts)).append(record.get(name))
                 texts.append(text)
-                digest.update(json.dumps([text, record], sort_keys=True, default=str, ensure_ascii=False).encode())
-                digest.update(b"\n")
-    return Examples(spec, texts, metadata, digest.hexdigest(), revision)
+                hasher.update([text, record])
+    return Examples(spec, texts, metadata, hasher.hexdigest(), revision)
 
 
 def _limited(rows: list[dict[str, Any]], limit: int | None, per_language: bool) -> list[dict[str, Any]]:
@@ -204,57 +210,131 @@ def _text(value: Any, column: str, row: int) -> str:
     )
 
 
-def _load_tables(spec: DatasetSpec, arrow_cache: Path | None) -> tuple[list[tuple[str | None, Any]], str | None]:
-    """The tables of `spec` (one per config, with its name) and the Hub commit they were prepared from."""
+@contextlib.contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Within: no `datasets` progress bars and no log lines below CRITICAL. On exit both are as they were.
+
+    Both switches are process-wide and the user's: a library turns them off only while it
+    works. Log lines go because an error such as "Failed to load JSON from file ..." would
+    come before our own one-line error, which says the same with the fix.
+    """
     import datasets
 
-    datasets.disable_progress_bars()
-    # Offline, datasets warns twice per config that it uses its cache: that is the point here.
     level = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity_error()
+    # HF_DATASETS_DISABLE_PROGRESS_BARS=0 forces bars on: that switch is the user's (datasets would warn).
+    ours = datasets.is_progress_bar_enabled() and datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is not False
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    if ours:
+        datasets.disable_progress_bars()
     try:
-        return _read_tables(spec, arrow_cache)
+        yield
     finally:
         datasets.logging.set_verbosity(level)
+        if ours:
+            datasets.enable_progress_bars()
 
 
-def _read_tables(spec: DatasetSpec, arrow_cache: Path | None) -> tuple[list[tuple[str | None, Any]], str | None]:
+def _load_tables(spec: DatasetSpec, arrow_cache: Path | None) -> tuple[list[tuple[str | None, Any]], str | None]:
+    """The tables of `spec` (one per config, with its name) and the Hub commit they were prepared from."""
+    with quiet_datasets():
+        if spec.source in ("files", "package"):
+            return [(None, _read_file(spec, arrow_cache))], None
+        return _read_hub(spec)
+
+
+def _read_file(spec: DatasetSpec, arrow_cache: Path | None) -> Any:
+    """The table of a local file, read through `datasets` (which keeps an Arrow copy under `arrow_cache`)."""
     import datasets
 
+    path = Path(spec.path)
+    cache = arrow_cache if arrow_cache is not None else Path(datasets.config.HF_DATASETS_CACHE)
+    where = f"the Arrow copy of {spec.path!r} under {str(cache)!r}"
     try:
-        if spec.source in ("files", "package"):
-            builder = FILE_BUILDERS[Path(spec.path).suffix.lower()]
-            # A file is one split: 'train' as `datasets` names it, 'test' for the shipped sample.
-            name = "test" if spec.source == "package" else "train"
-            cache_dir = str(arrow_cache) if arrow_cache is not None else None
-            loaded = datasets.load_dataset(builder, data_files={name: spec.path}, cache_dir=cache_dir)
-            return [(None, _split(loaded, spec).data.table)], None
-        configs: list[str | None] = list(spec.configs) if spec.configs else [None]
-        cache = str(hf_cache_dir("datasets"))  # read now: `datasets` fixes its default at import time
-        splits = [_split(datasets.load_dataset(spec.path, c, cache_dir=cache), spec) for c in configs]
-        revisions = {_prepared_revision(split) for split in splits}
-        revision = revisions.pop() if len(revisions) == 1 else None
-        return [
-            (c if spec.configs else None, split.data.table) for c, split in zip(configs, splits, strict=True)
-        ], revision
-    except (ConfigError, DatasetNotAvailableError):
-        raise
+        empty = not _has_content(path)
+    except OSError as exc:  # missing, a directory, not readable: before datasets wraps it in its own words
+        raise _os_error(spec, exc, where) from exc
+    if empty:
+        raise _no_rows(spec)
+    # A file is one split: 'train' as `datasets` names it, 'test' for the shipped sample.
+    name = "test" if spec.source == "package" else "train"
+    try:
+        loaded = datasets.load_dataset(
+            FILE_BUILDERS[path.suffix.lower()],
+            data_files={name: spec.path},
+            cache_dir=str(arrow_cache) if arrow_cache is not None else None,
+        )
     except datasets.exceptions.DatasetGenerationError as exc:
-        where = _locate_problem(Path(spec.path)) or _root_cause(exc)
+        # The builder wraps what stopped it: the system refusing a write, or the file's own content.
+        refused = _refused(exc)
+        if refused is not None:
+            raise _os_error(spec, refused, where) from exc
+        raise _unreadable(spec, _locate_problem(path) or _root_cause(exc)) from exc
+    except OSError as exc:
+        if exc.errno is None and not isinstance(exc, FileNotFoundError):
+            raise _unreadable(spec, _one_line(exc)) from exc  # pyarrow's OSError for a corrupt Parquet footer
+        raise _os_error(spec, exc, where) from exc
+    except ValueError as exc:  # a parse error datasets does not wrap (a .parquet that is not one)
+        raise _unreadable(spec, _locate_problem(path) or _one_line(exc)) from exc
+    except StopIteration as exc:  # datasets infers the features from the first rows, and there were none
+        raise _no_rows(spec) from exc
+    return _split(loaded, spec).data.table
+
+
+def _read_hub(spec: DatasetSpec) -> tuple[list[tuple[str | None, Any]], str | None]:
+    """The tables of a Hub dataset's configs, from the Hugging Face datasets cache (or a download when online)."""
+    configs: list[str | None] = list(spec.configs) if spec.configs else [None]
+    splits = [_split(_load_hub_config(spec, c), spec) for c in configs]
+    revisions = {_prepared_revision(split) for split in splits}
+    revision = revisions.pop() if len(revisions) == 1 else None
+    return [(c if spec.configs else None, split.data.table) for c, split in zip(configs, splits, strict=True)], revision
+
+
+def _load_hub_config(spec: DatasetSpec, config: str | None) -> Any:
+    """One config of a Hub dataset (a DatasetDict of its splits), each failure mapped by its type."""
+    import datasets
+    from huggingface_hub import errors as hub_errors
+
+    cache = hf_cache_dir("datasets")  # read now: `datasets` fixes its default at import time
+    named = f"dataset {spec.path!r}" + (f" (config {config!r})" if config else "")
+    try:
+        return datasets.load_dataset(spec.path, config, cache_dir=str(cache))
+    except (datasets.exceptions.DatasetNotFoundError, hub_errors.RepositoryNotFoundError) as exc:
+        # The Hub answered: no such dataset or revision, or a gated or private one (RevisionNotFoundError comes
+        # wrapped in DatasetNotFoundError).
+        raise DatasetNotAvailableError(
+            f"{named} cannot be loaded from the Hub: {_one_line(exc)}. Fix: check the id (org/name, as on "
+            "huggingface.co/datasets); for a gated or private dataset, accept its terms and log in (hf auth login)."
+        ) from exc
+    except (ConnectionError, hub_errors.LocalEntryNotFoundError) as exc:
+        # No network (OfflineModeIsEnabled is a ConnectionError; datasets raises a plain one naming it) and no copy.
+        raise _not_available(spec, exc) from exc
+    except hub_errors.HfHubHTTPError as exc:  # any other answer of the Hub (rate limit, server error)
+        raise DatasetNotAvailableError(
+            f"{named}: the Hub answered {_one_line(exc)}. Fix: retry later, or run offline (HF_HUB_OFFLINE=1) "
+            "from a cache that holds it."
+        ) from exc
+    except FileNotFoundError as exc:  # datasets' DataFilesNotFoundError, or no data file at a path-like id
+        raise DatasetNotAvailableError(
+            f"{named} was found neither on disk nor on the Hub: {_one_line(exc)}. Fix: pass a Hub id (org/name) "
+            "or a local file (--data path.jsonl)."
+        ) from exc
+    except datasets.exceptions.DatasetGenerationError as exc:
+        refused = _refused(exc)
+        if refused is not None:
+            raise _os_error(spec, refused, f"{named} into {str(cache)!r}") from exc
+        raise ConfigError(f"could not prepare {named}: {_root_cause(exc)}. Fix: check the dataset's files.") from exc
+    except OSError as exc:
+        raise _os_error(spec, exc, f"{named} into {str(cache)!r}") from exc
+    except ValueError as exc:
+        if datasets.config.HF_HUB_OFFLINE:  # offline, datasets' cache builder raises ValueError for a config it lacks
+            raise DatasetNotAvailableError(
+                f"{named} cannot be loaded from the local Hugging Face datasets cache {str(cache)!r}: "
+                f"{_one_line(exc)}. Fix: pass --config with a cached config, or run once with network access "
+                "(unset HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) to cache this one."
+            ) from exc
         raise ConfigError(
-            f"could not read {spec.path!r}: {where}. Fix: make the file valid UTF-8 {Path(spec.path).suffix}."
-        ) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        if spec.source == "hub" and "Couldn't find" not in str(exc) and "offline" not in str(exc).lower():
-            raise ConfigError(f"could not read dataset {spec.name!r} ({spec.path}): {exc}") from None
-        if spec.source != "hub":
-            raise ConfigError(
-                f"could not read {spec.path!r}: {_first_line(exc)}. Fix: check that the file is valid "
-                f"UTF-8 {Path(spec.path).suffix} (the line number above, where given, is where it breaks)."
-            ) from None
-        raise _not_available(spec, exc) from None
-    except (ConnectionError, OSError, FileNotFoundError) as exc:
-        raise _not_available(spec, exc) from None
+            f"could not load {named}: {_one_line(exc)}. Fix: check --config and --split against the dataset's page."
+        ) from exc
 
 
 def _split(loaded: Any, spec: DatasetSpec) -> Any:
@@ -297,8 +377,89 @@ def _not_available(spec: DatasetSpec, exc: BaseException) -> DatasetNotAvailable
     )
 
 
+def _no_rows(spec: DatasetSpec) -> ConfigError:
+    return ConfigError(f"{spec.path!r} is empty: it has no rows to read. Fix: pass a file with at least one row.")
+
+
+def _unreadable(spec: DatasetSpec, problem: str) -> ConfigError:
+    suffix = Path(spec.path).suffix.lower()
+    fix = (
+        "write it again as Parquet (pandas: DataFrame.to_parquet), or pass the rows as .jsonl or .csv"
+        if suffix == ".parquet"
+        else f"make the file valid UTF-8 {suffix} (where a line or row is named, that is where it breaks)"
+    )
+    return ConfigError(f"could not read {spec.path!r}: {problem.rstrip('.')}. Fix: {fix}.")
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _os_error(spec: DatasetSpec, exc: OSError, writing: str) -> DatasetIOError | DatasetNotAvailableError:
+    """The error for a read or write the system refused, by type and errno; `writing`: what was being written."""
+    reason = exc.strerror or _one_line(exc)
+    path = Path(spec.path)
+    if isinstance(exc, FileNotFoundError) and spec.source != "hub" and not path.is_file():
+        return DatasetNotAvailableError(
+            f"dataset file {spec.path!r} does not exist (any more). Fix: check the path, or restore the file, "
+            "and rerun."
+        )
+    if exc.errno in _NO_SPACE:
+        size = f" (about {path.stat().st_size / 2**20:.1f} MiB: the size of the file)" if path.is_file() else ""
+        message = (
+            f"out of space writing {writing} ({reason}). Fix: free space there{size}, or pass --cache-dir DIR on "
+            "a larger disk, and rerun."
+        )
+    elif exc.errno == errno.EFBIG:
+        message = (
+            f"a file-size limit stopped writing {writing} ({reason}). Fix: raise the limit (ulimit -f unlimited), "
+            "or pass --cache-dir DIR on a file system that allows larger files, and rerun."
+        )
+    elif isinstance(exc, PermissionError) and exc.filename is not None and Path(exc.filename) == path:
+        message = (
+            f"cannot read {spec.path!r}: {reason}. Fix: make the file readable for this user (chmod u+r), "
+            "or pass a copy you can read."
+        )
+    elif isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+        at = f" at {exc.filename!r}" if exc.filename else ""
+        message = (
+            f"cannot write {writing}: {reason}{at}. Fix: make that directory writable for this user (its owner "
+            "and mode; lsattr shows an immutable flag, mount a read-only file system), or pass --cache-dir DIR "
+            "you can write."
+        )
+    else:
+        at = f" at {exc.filename!r}" if exc.filename else ""
+        message = (
+            f"could not read {spec.path!r} or write {writing}: {reason}{at}. Fix: check that path (its "
+            "permissions, the disk, a link that points elsewhere) and rerun."
+        )
+    error = DatasetIOError(message)
+    error.errno = exc.errno  # callers test it as for any OSError (set alone, it leaves the message as it is)
+    return error
+
+
+def _refused(exc: BaseException) -> OSError | None:
+    """The first OSError with an errno among `exc`'s causes: the system refused a read or a write.
+
+    An OSError without one is pyarrow's word for a file it cannot parse, which is the file's fault.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _has_content(path: Path) -> bool:
+    """True when the file holds anything but whitespace (reads only up to the first byte that is not)."""
+    with open(path, "rb") as fh:
+        return any(block.strip() for block in iter(lambda: fh.read(1 << 16), b""))
+
+
 def _locate_problem(path: Path) -> str | None:
-    """'line N: what is wrong' for a file that is not UTF-8, or a .jsonl line that is not JSON."""
+    """'line N: what is wrong' for a text file that is not UTF-8, or a .jsonl line that is not JSON."""
+    if path.suffix.lower() == ".parquet":  # binary: its lines mean nothing
+        return None
     with open(path, "rb") as fh:
         for number, raw in enumerate(fh, start=1):
             try:
@@ -323,6 +484,11 @@ def _root_cause(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _one_line(exc: BaseException) -> str:
+    """All of `exc`'s message on one line (datasets lists what it has on the lines after the first)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _prepared_revision(split: Any) -> str | None:

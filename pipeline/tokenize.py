@@ -2,40 +2,33 @@
 
 Runs as a batched `datasets` map whose result is cached under the actcache root by the
 hash of (rows, tokenizer, kwargs), so a rerun or a resume reuses it instead of
-tokenizing again.
+tokenizing again. Both hashes are `cache.keys.Hasher` digests.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.datasets import Examples
+from cache.keys import hash_value
+from pipeline.datasets import Examples, quiet_datasets
 
 __all__ = ["Tokenized", "tokenize_examples", "tokenizer_hash"]
 
 _TOKEN_COLUMNS = ("input_ids", "special_tokens_mask", "token_type_ids")
+_VERSION = 2  # of the tokenized columns: a change here must never reuse an older cache file
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
     """Content hash of a tokenizer: its full tokenizers-library definition, not a file path."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    extra = json.dumps(
-        {
-            "class": type(tokenizer).__name__,
-            "special": tokenizer.special_tokens_map,
-            "side": tokenizer.padding_side,
-        },
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256((definition + extra).encode("utf-8")).hexdigest()
+    # Without a fast backend, the vocabulary itself (sorted pairs) stands for the definition.
+    definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    extra = {"class": type(tokenizer).__name__, "special": tokenizer.special_tokens_map, "side": tokenizer.padding_side}
+    return hash_value(definition, extra, length=None)
 
 
 @dataclass(frozen=True)
@@ -71,7 +64,7 @@ def tokenize_examples(
     columns = (
         {"a": [t[0] for t in examples.texts], "b": [t[1] for t in examples.texts]} if pair else {"a": examples.texts}
     )
-    fingerprint = hashlib.sha256(f"{examples.content_hash}:{tok_hash}:{max_length}:{pair}:v1".encode()).hexdigest()[:32]
+    fingerprint = hash_value(examples.content_hash, tok_hash, max_length, pair, _VERSION, length=32)
     cache_dir.mkdir(parents=True, exist_ok=True)
     specials = tokenizer.num_special_tokens_to_add(pair=pair)
 
@@ -92,17 +85,17 @@ def tokenize_examples(
         result["truncated"] = truncated
         return result
 
-    dataset = datasets.Dataset.from_dict(columns)
-    datasets.disable_progress_bars()
-    tokenized = dataset.map(
-        encode,
-        batched=True,
-        batch_size=1000,
-        remove_columns=list(columns),
-        cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
-        new_fingerprint=fingerprint,
-        load_from_cache_file=True,
-    )
+    with quiet_datasets():  # no "Map:" progress bar; the user's setting is back on return
+        dataset = datasets.Dataset.from_dict(columns)
+        tokenized = dataset.map(
+            encode,
+            batched=True,
+            batch_size=1000,
+            remove_columns=list(columns),
+            cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
+            new_fingerprint=fingerprint,
+            load_from_cache_file=True,
+        )
     if not len(tokenized):
         return Tokenized(tokenized, np.zeros(0, np.int64), max_length, 0)
     table = tokenized.with_format("arrow")[:]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cache.files import write_json
+from cache.keys import hash_value
 from cache.paths import hash_memo_path
 from schemas import CheckpointError, ModelNotAvailableError, ModelSpec, UnsafeCheckpointError
 
@@ -245,7 +246,7 @@ def check_weights(path: Path, *, allow_pickle: bool = False, trust_remote_code: 
 
 
 def content_hash(path: Path, memo_dir: Path | None = None) -> str:
-    """SHA-256 over the names and SHA-256 digests of the files that determine a checkpoint's outputs.
+    """The `Hasher` digest (64 hex) of the (name, SHA-256) pairs of the files that determine a checkpoint's outputs.
 
     With `memo_dir` (a cache root), each file's digest is remembered there under its
     (size, mtime, ctime, inode), so a run reads only the files that changed since the last:
@@ -256,7 +257,6 @@ def content_hash(path: Path, memo_dir: Path | None = None) -> str:
     memo_file = hash_memo_path(memo_dir, root) if memo_dir is not None else None
     known = _read_memo(memo_file, root)
     current: dict[str, dict[str, Any]] = {}
-    digest = hashlib.sha256()
     for file in files:
         st = file.stat()
         name = file.relative_to(root).as_posix()
@@ -265,12 +265,12 @@ def content_hash(path: Path, memo_dir: Path | None = None) -> str:
         if not isinstance(entry, dict) or entry.get("stamp") != stamp:
             entry = {"stamp": stamp, "sha256": _file_sha256(file)}
         current[name] = entry
-        digest.update(f"{name}\0{entry['sha256']}\0".encode())
     if memo_file is not None and current != known:
         with contextlib.suppress(OSError):  # a read-only cache only costs the next run a rehash
             memo_file.parent.mkdir(parents=True, exist_ok=True)
             write_json(memo_file, {"directory": str(root), "files": current})
-    return digest.hexdigest()
+    # Typed and length-prefixed: no file name can run into the next digest, as a joined string could.
+    return hash_value([[name, entry["sha256"]] for name, entry in current.items()], length=None)
 
 
 def _read_memo(memo_file: Path | None, root: Path) -> dict[str, Any]:
@@ -287,8 +287,6 @@ def _read_memo(memo_file: Path | None, root: Path) -> dict[str, Any]:
 
 
 def _file_sha256(file: Path) -> str:
-    digest = hashlib.sha256()
+    """The plain SHA-256 of a file's bytes (what `sha256sum` prints and the Hub's LFS pointers hold), read in blocks."""
     with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
