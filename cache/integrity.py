@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,22 +11,17 @@ from typing import Any
 import numpy as np
 import xxhash
 
+# One way only: the catalog (finding stores, which shards are committed) sits below verify, which finds
+# the store it checks through it. `committed` and `marker_path` are re-exported here, where they were.
+from cache.catalog import committed, find_store, marker_path, read_manifest
 from cache.files import flocked, lock_path, read_json, write_json
 from cache.paths import is_local
 from cache.zattrs import set_complete, zarr_group
 from schemas import StoreCorruptError, StoreNotFoundError
-from schemas.store import (
-    MANIFEST_ATTR,
-    MANIFEST_FILE,
-    MARKER_SUFFIX,
-    SHARD_COMMITTED,
-    SHARDS_DIR,
-    ArraySpec,
-    Geometry,
-    Manifest,
-    ShardRange,
-    chunk_key,
-)
+from schemas.arrays import ArraySpec
+from schemas.geometry import Geometry, ShardRange
+from schemas.manifest import Manifest
+from schemas.store import MANIFEST_ATTR, MANIFEST_FILE, SHARD_COMMITTED, chunk_key
 
 __all__ = [
     "CHECKSUM",
@@ -104,15 +99,6 @@ def shard_checksums(
 ) -> dict[str, dict[str, str | None]]:
     """Checksums of every chunk file `shard` owns, by array and chunk key."""
     return {spec.name: array_checksums(store, spec, shard, manifest.geometry, algorithm) for spec in manifest.arrays}
-
-
-def marker_path(store: Path, index: int) -> Path:
-    return store / SHARDS_DIR / f"{index:06d}{MARKER_SUFFIX}"
-
-
-def committed(store: Path, shards: Iterable[ShardRange]) -> list[ShardRange]:
-    """The shards of `shards` whose commit marker is there (verify decides whether to trust it)."""
-    return [shard for shard in shards if marker_path(store, shard.index).is_file()]
 
 
 def read_marker(store: Path, shard: ShardRange) -> dict[str, Any] | None:
@@ -221,8 +207,6 @@ def verify(ref: str | os.PathLike[str], root: Path | None = None, *, reset: bool
     of the same extract redoes exactly them) and a complete store is marked incomplete; a
     corrupt or missing manifest is rebuilt, incomplete, from the copy kept at creation.
     """
-    from cache.catalog import find_store, read_manifest
-
     path = find_store(ref, root)
     manifest_error = None
     try:

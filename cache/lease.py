@@ -1,0 +1,138 @@
+"""A store's writer lease: every writer shares it; removing the store (rm, gc, extract --force) needs it alone.
+
+The lease is an advisory flock on a sibling file, `<key>.zarr.writers`: writers hold it
+shared from opening the store until they close it, and a removal takes it exclusively
+without waiting, so it either refuses (naming the writers) or holds it for the whole
+deletion and no writer can start meanwhile. The kernel drops a dead holder's lock, even
+after SIGKILL, so a crashed writer never blocks a removal. Local stores only: flock does
+not reach object stores.
+
+>>> with writer_lease(store):            # doctest: +SKIP
+...     ...                              # write shards; `actcache rm` refuses meanwhile
+>>> with exclusive_lease(store):         # doctest: +SKIP
+...     shutil.rmtree(store)             # StoreInUseError above if a writer is live
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from cache.claims import parse_holder
+from cache.files import try_flock
+from schemas import StoreInUseError
+from schemas.store import CLAIM_SUFFIX, SHARDS_DIR, WRITERS_SUFFIX
+
+__all__ = ["exclusive_lease", "writer_lease", "writers_path"]
+
+
+# Leases this process holds, by lease file: a refusal caused by our own writer says so.
+_held: Counter[str] = Counter()
+_held_lock = threading.Lock()
+
+
+def writers_path(store: Path) -> Path:
+    """The lease file of `store`: a sibling named `<name>.writers` (it outlives nothing: rm removes it)."""
+    return store.with_name(store.name + WRITERS_SUFFIX)
+
+
+@contextlib.contextmanager
+def writer_lease(store: Path) -> Iterator[None]:
+    """Hold a shared lease on `store` for the block: rm, gc and extract --force refuse to remove it meanwhile.
+
+    Any number of writers share it. It waits while a removal holds the lease, so afterwards
+    the store may be gone: check for it (or create it) inside the block. The store need not
+    exist yet; its parent directory must.
+    """
+    lease = writers_path(store)
+    fd = _shared_flock(lease)
+    with _held_lock:
+        _held[str(lease)] += 1
+    try:
+        yield
+    finally:
+        with _held_lock:
+            _held[str(lease)] -= 1
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lease(store: Path) -> Iterator[None]:
+    """Hold `store`'s lease alone for the block (to remove it); `StoreInUseError` naming the writers if it is held.
+
+    Never waits: a live writer is refused at once. Delete the store and `writers_path(store)`
+    inside the block; a writer waiting for the lease then finds the store gone.
+    """
+    fd = try_flock(writers_path(store))
+    if fd is None:
+        raise StoreInUseError(
+            f"store {str(store)!r} is in use: {_holders(store)} holds its writer lease, so it is not removed. "
+            "Fix: let that process finish (or stop it), then run this again."
+        )
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def _shared_flock(path: Path) -> int:
+    """Open `path` and take a shared lock on it, waiting for an exclusive holder; the fd.
+
+    A removal unlinks the lease file while it holds it: a lock won on a file that is no
+    longer at `path` is stale, so retry on the file that is there now (as `try_flock` does).
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:  # unlinked after we opened it
+            same = False
+        except BaseException:  # Ctrl-C while waiting: never leak the fd
+            os.close(fd)
+            raise
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _holders(store: Path) -> str:
+    """Who holds `store`'s lease, as far as can be told: this process, the writers of its claimed shards, or
+    "another process" (a writer between shards claims none)."""
+    names = []
+    with _held_lock:
+        if _held[str(writers_path(store))] > 0:
+            names.append(f"this process (pid {os.getpid()}: close its StoreWriter first)")
+    shards: dict[str, list[str]] = {}
+    for claim in sorted((store / SHARDS_DIR).glob(f"*{CLAIM_SUFFIX}")):
+        try:
+            text = claim.read_text(errors="replace").strip()
+        except OSError:  # released (unlinked) since the listing, or unreadable: it names no one
+            continue
+        holder = parse_holder(text)
+        if holder is None or not _alive(holder.pid, holder.host):
+            continue  # being written this instant, or left by a writer that died (SIGKILL skips its cleanup)
+        writer = str(holder)
+        shards.setdefault(writer, []).append(claim.name.removesuffix(CLAIM_SUFFIX).lstrip("0") or "0")
+    for writer, indices in shards.items():
+        names.append(f"{writer} (writing shard{'s' if len(indices) > 1 else ''} {', '.join(indices)})")
+    return "; ".join(names) or "another process"
+
+
+def _alive(pid: int, host: str) -> bool:
+    """Whether the process `pid` on `host` still runs; a process on another host is taken to."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
