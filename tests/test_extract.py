@@ -117,6 +117,29 @@ def test_stored_values_equal_a_direct_forward_of_each_example(
         np.testing.assert_allclose(topk["entropy"][span], entropy, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["bert", "xlmr", "llama", "mt5"])
+def test_stored_special_mask_is_the_tokenizers_own(
+    family: str, tiny_dir: Any, texts_file: Path, shared_cache: Path
+) -> None:
+    """Each example's stored `special_mask` is what its tokenizer says for the text alone: [CLS]/[SEP]
+    (BERT), <s>/</s> (XLM-R), the begin-of-text token (Llama), the closing </s> (mT5)."""
+    path = tiny_dir(family)
+    # The options of test_stored_values_equal_a_direct_forward_of_each_example: its store, when it ran first.
+    result = run(path, texts_file, shared_cache, store_dtype="float32", shard_tokens=60, batch_size=5, logits="topk:4")
+    acts = open_activations(result.key, cache_dir=shared_cache)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    stored, ids, offsets = acts.special_mask.compute(), acts.token_ids.compute(), acts.offsets.compute()
+    texts = SENTENCES * 2
+    assert acts.n_examples == len(texts)
+    for i, text in enumerate(texts):
+        encoded = tokenizer(text, return_special_tokens_mask=True)
+        span = slice(offsets[i], offsets[i + 1])
+        np.testing.assert_array_equal(ids[span], encoded["input_ids"], err_msg=f"example {i}")
+        np.testing.assert_array_equal(stored[span], encoded["special_tokens_mask"], err_msg=f"example {i}")
+    expected_per_example = {"bert": 2, "xlmr": 2, "llama": 1, "mt5": 1}[family]
+    assert int(stored.sum()) == expected_per_example * len(texts), "the mask marks the specials, and only them"
+
+
 def test_float16_storage_is_within_float16_rounding(tiny_dir: Any, texts_file: Path, shared_cache: Path) -> None:
     path = tiny_dir("xlmr")
     result = run(path, texts_file, shared_cache, store_dtype="float16", layers="0,-1", logits="none")
@@ -205,36 +228,69 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_dir: Any, texts_fil
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def _mt5_cli(model: Path, data: Path, cache: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "pipeline", "extract", "--model", str(model), "--data", str(data), "--shard-tokens", "24",
+        "--batch-size", "1", "--quiet", "--cache-dir", str(cache), "--summary-json", str(cache / "summary.json"),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mt5_uninterrupted(tiny_dir: Any, texts_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The store of an uninterrupted CLI run of the interrupted test's command."""
+    cache = tmp_path_factory.mktemp("mt5-uninterrupted")
+    args = _mt5_cli(tiny_dir("mt5"), texts_file, cache)
+    subprocess.run(args, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, capture_output=True)
+    return next(cache.glob("stores/*.zarr"))
+
+
 @pytest.mark.parametrize("signum, said", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
 def test_ctrl_c_and_sigterm_stop_after_the_batch_in_hand_and_the_rerun_finishes(
-    tiny_dir: Any, texts_file: Path, tmp_path: Path, signum: int, said: str
+    tiny_dir: Any, texts_file: Path, tmp_path: Path, mt5_uninterrupted: Path, signum: int, said: str
 ) -> None:
-    args = [
-        sys.executable, "-m", "pipeline", "extract", "--model", str(tiny_dir("mt5")), "--data", str(texts_file),
-        "--shard-tokens", "24", "--batch-size", "1", "--quiet", "--cache-dir", str(tmp_path / "c"),
-    ]  # fmt: skip
-    # The process signals itself in the middle of its 12th batch: several shards done, more to go.
+    cache = tmp_path / "c"
+    cache.mkdir()
+    args = _mt5_cli(tiny_dir("mt5"), texts_file, cache)
+    # The same command plans the same shards. Batches hold one example and shards run in order, so
+    # the process signalling itself after batch `stop_at` (deterministic: never "whenever the test got
+    # round to it", so it cannot finish first) is in the middle of shard `mid`, shards before it done.
+    shards = json.loads((mt5_uninterrupted / "manifest.json").read_text())["geometry"]["shards"]
+    mid = next(s for s in shards[2:-1] if s["ex_stop"] - s["ex_start"] >= 2)
+    stop_at = mid["ex_start"] + 1
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
-        "ACTCACHE_CRASH_AT": "mid-batch:12",
+        "ACTCACHE_CRASH_AT": f"mid-batch:{stop_at}",
         "ACTCACHE_CRASH_SIGNAL": signal.Signals(signum).name,
     }
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    store = next(tmp_path.glob("c/stores/*.zarr"))
-    n_shards = len(json.loads((store / "manifest.json").read_text())["geometry"]["shards"])
-    committed = len(list(store.glob("shards/*.json")))
-    assert done.returncode == 128 + signum, done.stderr
+    assert done.returncode == 128 + signum, (done.returncode, done.stderr)  # 130 for Ctrl-C, 143 for SIGTERM
+    store = next(cache.glob("stores/*.zarr"))
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["geometry"]["shards"] == shards and not manifest["complete"]
+    committed = sorted(int(p.stem) for p in store.glob("shards/*.json"))
+    # After the batch in hand: the shards finished before it are committed, the one in hand is dropped.
+    assert committed == list(range(mid["index"])), (committed, stop_at, shards)
     assert done.stderr.strip() == (
-        f"actcache: stopped by {said} after {committed} shard(s) were committed; "
+        f"actcache: stopped by {said} after {len(committed)} shard(s) were committed; "
         "rerun the same command to continue from there."
     )
-    assert 0 < committed < n_shards
     assert not list(store.glob("shards/*.claim")), "claims are released on a clean stop"
-    assert verify(str(store)).missing, "the shard in progress was dropped, not half-committed"
+    report = verify(str(store))
+    assert report.done == committed and not report.corrupt, "the shard in progress was dropped, not half-committed"
     env = {k: v for k, v in env.items() if not k.startswith("ACTCACHE_CRASH")}
-    subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    (cache / "summary.json").unlink(missing_ok=True)
+    rerun = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads((cache / "summary.json").read_text())
+    redo = sum(s["tok_stop"] - s["tok_start"] for s in shards if s["index"] not in committed)
+    assert summary["tokens_computed"] == redo, "the rerun computes only the shards that were not committed"
     assert verify(str(store)).ok and json.loads((store / "manifest.json").read_text())["complete"]
+    assert store.name == mt5_uninterrupted.name, "same request, same key"
+    a, b = _store_arrays(store), _store_arrays(mt5_uninterrupted)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 def test_cli_extract_prints_the_path_last_and_store_commands_work(

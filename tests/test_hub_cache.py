@@ -143,3 +143,42 @@ def test_xnli_entry_does_what_its_documentation_says(home: Path) -> None:
     assert "field" not in pairs.metadata
     two = load_examples(resolve_dataset("xnli", config="en,de"))
     assert sorted(set(two.metadata["language"])) == ["de", "en"] and len(two) == 2 * 4 * 2
+
+
+def test_two_revisions_of_one_hub_model_are_two_stores_of_their_own_values(
+    tiny_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pinning another commit of the same Hub id is another store holding that commit's values, not a
+    cache hit on the first. Both commits hold the same tokenizer and config, so only the revision
+    tells the two requests apart (tiny tokenizers trained twice need not come out the same)."""
+    home = tmp_path / "hf"
+    repo_id = "bert-base-multilingual-cased"  # the registry's `mbert`
+    source = tiny_dir("bert")
+    main = hfcache.commit_for(repo_id, 0)
+    hfcache.add_snapshot(home, repo_id, source, main)
+    retrained = tmp_path / "retrained"
+    shutil.copytree(source, retrained)
+    torch.manual_seed(1)  # other weights, same config and tokenizer
+    transformers.BertForMaskedLM(transformers.BertConfig.from_pretrained(source)).save_pretrained(retrained)
+    other = hfcache.commit_for(repo_id, 1)
+    hfcache.add_snapshot(home, repo_id, retrained, other, main=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in SENTENCES[:3]), encoding="utf-8")
+    first = run("mbert", str(data), tmp_path / "acts", logits="none")
+    pinned = run("mbert", str(data), tmp_path / "acts", logits="none", revision=other)
+    requested = [dict(r.manifest.request["model"]) for r in (first, pinned)]
+    assert [m.pop("revision") for m in requested] == [main, other]
+    assert requested[0] == requested[1], "the two requests differ in their revision alone"
+    assert not pinned.cache_hit, "another revision must not be served from the first one's store"
+    assert pinned.key != first.key and pinned.path != first.path
+    assert sorted((tmp_path / "acts" / "stores").glob("*.zarr")) == sorted([first.path, pinned.path])
+    snapshots = hfcache.repo_dir(home, repo_id) / "snapshots"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(snapshots / main)
+    for result, commit in ((first, main), (pinned, other)):
+        direct = transformers.AutoModel.from_pretrained(snapshots / commit, dtype=torch.float32).eval()
+        ex = open_activations(result.key, cache_dir=tmp_path / "acts").example(1)
+        with torch.no_grad():
+            states = direct(**tokenizer([SENTENCES[1]], return_tensors="pt"), output_hidden_states=True)
+        assert_float16_of(ex.hidden["encoder"], torch.stack(states.hidden_states)[:, 0])
