@@ -14,12 +14,13 @@ for every chain and dtype the store writes.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import threading
+import weakref
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from cache.paths import is_local
 from schemas import StoreCorruptError
 from schemas.store import chunk_key
 
-__all__ = ["ChunkFiles"]
+__all__ = ["ChunkFiles", "ReadPool"]
 
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
@@ -45,9 +46,10 @@ class ChunkFiles:
     fill: Any
     codec: Any  # numcodecs.Blosc, or None for uncompressed chunks
     local: bool = True  # False: `directory` is an fsspec path (an object store), read through fsspec
+    pool: ReadPool | None = field(default=None, compare=False)  # decodes several chunks at once; None: one by one
 
     @classmethod
-    def of(cls, array: Any, directory: Path, lead: int) -> ChunkFiles | None:
+    def of(cls, array: Any, directory: Path, lead: int, pool: ReadPool | None = None) -> ChunkFiles | None:
         """For a zarr v3 array stored at `directory`; None when its codecs are not bytes [+ Blosc] + crc32c."""
         from numcodecs import Blosc
         from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
@@ -76,7 +78,8 @@ class ChunkFiles:
                 typesize=blosc.typesize,
             )
         dtype = np.dtype(array.dtype)
-        return cls(directory, tuple(array.chunks), lead, dtype, dtype.type(meta.fill_value), codec, is_local(directory))
+        fill = dtype.type(meta.fill_value)
+        return cls(directory, tuple(array.chunks), lead, dtype, fill, codec, is_local(directory), pool)
 
     def path(self, coords: tuple[int, ...]) -> Path:
         return self.directory / chunk_key(coords)
@@ -84,7 +87,7 @@ class ChunkFiles:
     def read_rows(self, index: tuple[int, ...], start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) of the split axis at leading `index`, decoded into `out` (or a new array).
 
-        Whole chunks decode straight into `out`, several at a time on a shared thread pool
+        Whole chunks decode straight into `out`, several at a time on the `pool`'s threads
         (Blosc releases the GIL); only partial chunks at either end are copied.
         """
         step = self.chunks[self.lead]
@@ -110,10 +113,11 @@ class ChunkFiles:
                 target[...] = whole[lo - c * step : hi - c * step]
 
         along = range(start // step, -(-stop // step))
-        if len(along) > 1:
-            list(_pool(self.local).map(one, along))
-        elif along:
-            one(along[0])
+        if len(along) > 1 and self.pool is not None:
+            self.pool.run(one, along)
+        else:
+            for c in along:
+                one(c)
         return out
 
     def _frame(self, coords: tuple[int, ...]) -> memoryview:
@@ -161,8 +165,37 @@ def _crc32c(data: Any) -> int:
     return int(google_crc32c.value(data))
 
 
-@functools.cache
-def _pool(local: bool) -> ThreadPoolExecutor:
-    cores = os.cpu_count() or 1
-    # An object store's reads wait on the network, not on a core: more of them at once.
-    return ThreadPoolExecutor(max_workers=cores if local else max(16, cores), thread_name_prefix="actcache-read")
+class ReadPool:
+    """Threads that decode chunks side by side: started on first use, ended by `close()` (or when collected).
+
+    Owned by a reader (`Activations`), never process-wide, so a metrics job that is done
+    with a store leaves no threads behind. After `close()` a later read starts them again.
+    """
+
+    def __init__(self, local: bool = True) -> None:
+        cores = os.cpu_count() or 1
+        # An object store's reads wait on the network, not on a core: more of them at once.
+        self.workers = cores if local else max(16, cores)
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    def run(self, task: Callable[[int], None], items: Iterable[int]) -> None:
+        """`task(item)` for every item, on the pool's threads; the first error is raised."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="actcache-read")
+                self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False)
+            executor = self._executor
+        for _ in executor.map(task, items):
+            pass
+
+    def close(self) -> None:
+        """End the threads (waiting for reads in flight)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+            finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None:
+            finalizer.detach()
+        if executor is not None:
+            executor.shutdown(wait=True)

@@ -6,19 +6,17 @@ import contextlib
 import fcntl
 import json
 import os
-import signal
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cache.faults import crash_point
 from schemas import StoreCorruptError
 
 __all__ = [
     "PARTIAL_SUFFIX",
     "atomic_write_bytes",
-    "crash_point",
     "flocked",
     "json_ready",
     "lock_path",
@@ -33,7 +31,7 @@ PARTIAL_SUFFIX = ".partial"  # the same suffix zarr's LocalStore gives its temp 
 def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, crash_at: str = "mid-commit") -> None:
     """Write `data` to `path` whole or not at all: a sibling temp file, fsync (if `durable`), rename.
 
-    `crash_at` names the crash point between the temp file and the rename (see `crash_point`).
+    `crash_at` names the crash point between the temp file and the rename (see `cache.faults`).
     """
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
     try:
@@ -115,24 +113,3 @@ def flocked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-_passes: Counter[str] = Counter()
-
-
-def crash_point(name: str) -> None:
-    """Fault injection: with ACTCACHE_CRASH_AT=NAME[:N], SIGKILL this process the N-th time it passes NAME.
-
-    The chaos tests use it to die exactly mid-write, between a shard's chunks and its
-    marker, or mid-finalize; ACTCACHE_CRASH_SIGNAL=SIGTERM (or SIGINT) sends that signal
-    instead, once, so a graceful stop is tested at an exact moment. Unset (always, in real
-    use) it does nothing.
-    """
-    wanted = os.environ.get("ACTCACHE_CRASH_AT")
-    if not wanted:
-        return
-    target, _, count = wanted.partition(":")
-    if target == name:
-        _passes[name] += 1
-        if _passes[name] == int(count or 1):
-            os.kill(os.getpid(), getattr(signal, os.environ.get("ACTCACHE_CRASH_SIGNAL") or "SIGKILL"))

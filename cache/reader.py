@@ -11,17 +11,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cache.catalog import find_store, read_manifest
-from cache.chunkio import ChunkFiles
 from cache.integrity import committed
 from cache.paths import alias_name, cache_root
+from cache.views import StoreView
 from cache.zattrs import root_attributes
 from schemas import ConfigError, IncompleteStoreError, StoreCorruptError
+from schemas.arrays import ArraySpec
 from schemas.store import (
     LOGITS_ENTROPY,
     LOGITS_FULL,
@@ -33,23 +33,11 @@ from schemas.store import (
     TOKEN_IDS,
     TOKEN_START,
     TOKEN_STOP,
-    ArraySpec,
-    Manifest,
-    ShardRange,
     hidden_name,
     pooled_name,
 )
 
 __all__ = ["Activations", "Example", "open_activations"]
-
-_BLOCK_BYTES = 64 << 20  # per Dask block of a lazy array: few tasks per layer, bounded memory
-
-
-def _from_storage(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values as users see them: bfloat16 bit patterns become float32, exactly."""
-    if dtype == "bfloat16":
-        return (values.astype(np.uint32) << 16).view(np.float32)
-    return values
 
 
 def open_activations(
@@ -101,7 +89,7 @@ class Example:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-class Activations:
+class Activations(StoreView):
     """Lazy view of one store (or of its committed shards, for a partial read).
 
     Dimensions: `hidden` (token, hidden); `pooled` (example, hidden); `token_ids`,
@@ -109,17 +97,6 @@ class Activations:
     (token, k), target_logprob/entropy (token,). Layers index the model's hidden-states
     tuple (0 = embeddings); negative ones count from the last.
     """
-
-    def __init__(self, path: Path, manifest: Manifest, shards: tuple[ShardRange, ...]) -> None:
-        import zarr
-
-        self.path = path
-        self.manifest = manifest
-        self.shards = shards
-        self._group = zarr.open_group(str(path), mode="r")  # a URL goes through fsspec
-        self._chunk_files: dict[str, ChunkFiles | None] = {}
-        self.n_examples = sum(s.n_examples for s in shards)
-        self.n_tokens = sum(s.n_tokens for s in shards)
 
     def __repr__(self) -> str:
         state = "complete" if self.manifest.complete else f"partial: {len(self.shards)} shards"
@@ -129,10 +106,6 @@ class Activations:
         )
 
     @property
-    def key(self) -> str:
-        return self.manifest.key
-
-    @property
     def layers(self) -> tuple[int, ...]:
         """Stored hidden-state indices (0 = embeddings)."""
         return self.manifest.layers
@@ -140,122 +113,6 @@ class Activations:
     @property
     def stacks(self) -> tuple[str, ...]:
         return self.manifest.stacks
-
-    # -- assembling logical views ----------------------------------------------------------
-
-    def _dask(self, name: str) -> Any:
-        import dask.array as da
-
-        spec = self._spec(name)
-        array = da.from_zarr(self._group[name])
-        if spec.dtype == "bfloat16":
-            array = array.map_blocks(_from_storage, spec.dtype, dtype=np.float32)
-        return array
-
-    def _spec(self, name: str) -> ArraySpec:
-        if not self.manifest.has_array(name):
-            held = ", ".join(a.name for a in self.manifest.arrays)
-            raise ConfigError(f"store {self.key} has no array {name!r}; it holds: {held}")
-        return self.manifest.array(name)
-
-    def _pieces(self, spec: ArraySpec) -> list[tuple[int, int]]:
-        """Physical [start, stop) runs of the view along the split axis, adjacent ones merged."""
-        runs: list[tuple[int, int]] = []
-        for s in self.shards:
-            start, stop = {
-                "token": (s.phys_start, s.phys_start + s.n_tokens),
-                "shard": (s.index, s.index + 1),
-            }.get(spec.axis, (s.ex_start, s.ex_stop))
-            if runs and runs[-1][1] == start:
-                runs[-1] = (runs[-1][0], stop)
-            elif stop > start or not runs:
-                runs.append((start, stop))
-        return runs
-
-    def _logical(self, name: str, *lead: int, lazy: bool = True) -> Any:
-        """Array `name` on the logical axis, with its leading dims indexed by `lead` (if given).
-
-        `lazy=False` reads it into one numpy array at once: straight from the chunk files
-        where it can, without Dask's copy of the result.
-        """
-        import dask.array as da
-
-        spec = self._spec(name)
-        files = self._files(spec)
-        if files is not None and not lazy and len(lead) == len(spec.leading):
-            return self._read(spec, files, lead, 0, self._span(spec))
-        if files is not None:
-            view = self._direct(spec, files, lead)
-        else:
-            array = self._dask(name)[lead] if lead else self._dask(name)
-            axis = len(spec.leading) - len(lead)
-            pieces = [array[(slice(None),) * axis + (slice(a, b),)] for a, b in self._pieces(spec)]
-            view = pieces[0] if len(pieces) == 1 else da.concatenate(pieces, axis=axis)
-        return view if lazy else view.compute()
-
-    def _files(self, spec: ArraySpec) -> ChunkFiles | None:
-        if spec.name not in self._chunk_files:
-            self._chunk_files[spec.name] = ChunkFiles.of(
-                self._group[spec.name], self.path / spec.name, len(spec.leading)
-            )
-        return self._chunk_files[spec.name]
-
-    def _span(self, spec: ArraySpec) -> int:
-        return sum(b - a for a, b in self._pieces(spec))
-
-    def _read(self, spec: ArraySpec, files: ChunkFiles, index: tuple[int, ...], start: int, stop: int) -> np.ndarray:
-        """Logical rows [start, stop) at leading `index`, decoded from the physical runs they cover."""
-        out = np.empty((stop - start, *spec.trailing), dtype=files.dtype)
-        first = 0
-        for phys, phys_stop in self._pieces(spec):
-            last = first + phys_stop - phys
-            lo, hi = max(start, first), min(stop, last)  # the part of this physical run in [start, stop)
-            if lo < hi:
-                self._rows(spec, files, index, phys + lo - first, phys + hi - first, out[lo - start : hi - start])
-            first = last
-        return _from_storage(out, spec.dtype)
-
-    def _rows(
-        self, spec: ArraySpec, files: ChunkFiles, index: tuple[int, ...], start: int, stop: int, out: Any = None
-    ) -> np.ndarray:
-        """Physical rows [start, stop) of committed shards; a missing or corrupt chunk names its shard."""
-        try:
-            return files.read_rows(index, start, stop, out)
-        except StoreCorruptError as exc:
-            rows = getattr(exc, "rows", (start, stop))
-            raise StoreCorruptError(f"{self._shards_of(spec, *rows)}: {exc}") from exc
-
-    def _shards_of(self, spec: ArraySpec, start: int, stop: int) -> str:
-        """'store K, shard(s) ...' for the physical rows [start, stop) of `spec`'s split axis."""
-        spans = {s.index: s.axis_range(spec.axis, self.manifest.geometry) for s in self.shards}
-        hit = [index for index, (a, b) in spans.items() if max(start, a) < min(stop, b)]
-        return f"store {self.key}, array {spec.name!r}, shard(s) {hit}"
-
-    def _direct(self, spec: ArraySpec, files: ChunkFiles, lead: tuple[int, ...]) -> Any:
-        """A Dask array whose blocks decode the chunk files straight into place (see `cache.chunkio`).
-
-        Blocks span ~`_BLOCK_BYTES` of whole chunks along the logical axis, so a layer is a
-        few tasks, not one per chunk.
-        """
-        import dask.array as da
-
-        n = self._span(spec)
-        row_bytes = int(np.prod(spec.trailing, dtype=np.int64)) * files.dtype.itemsize
-        step = files.chunks[len(spec.leading)]
-        rows = max(step, _BLOCK_BYTES // max(row_bytes, 1) // step * step)
-        blocks = tuple(min(rows, n - a) for a in range(0, n, rows)) or (0,)
-        free = spec.leading[len(lead) :]
-        chunks = (*((1,) * k for k in free), blocks, *((t,) for t in spec.trailing))
-
-        def read(block_info: dict[Any, Any] | None = None) -> np.ndarray:
-            assert block_info is not None
-            where = block_info[None]["array-location"]
-            index = (*lead, *(a for a, _ in where[: len(free)]))
-            block = self._read(spec, files, index, *where[len(free)])
-            return block.reshape((1,) * len(free) + block.shape)
-
-        dtype = np.float32 if spec.dtype == "bfloat16" else files.dtype
-        return da.map_blocks(read, chunks=chunks, dtype=dtype, meta=np.empty((0,) * len(chunks), dtype=dtype))
 
     def _layer_position(self, layer: int) -> int:
         n = self.manifest.n_states

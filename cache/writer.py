@@ -11,28 +11,34 @@ over by the next process that asks).
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cache.bfloat16 import to_bits
 from cache.catalog import add_alias
-from cache.files import PARTIAL_SUFFIX, crash_point, flocked, json_ready, lock_path, read_json, try_flock, write_json
+from cache.claims import held, utcnow
+from cache.faults import crash_point
+from cache.files import PARTIAL_SUFFIX, flocked, json_ready, lock_path, read_json, write_json
 from cache.integrity import CHECKSUM, committed, marker_path, read_marker, stored_checksums
 from cache.keys import cache_key
+from cache.lease import writer_lease
 from cache.paths import store_path
 from cache.zattrs import consolidate, create_arrays, root_attributes, set_complete, zarr_group
 from schemas import LayoutMismatchError, ShardClaimedError, StoreCorruptError
+from schemas.arrays import ArraySpec, commit_array, index_arrays
+from schemas.geometry import Geometry, ShardRange
+from schemas.manifest import Manifest
 from schemas.request import ExtractionRequest
 from schemas.store import (
-    BFLOAT16_NAN_BITS,
-    CLAIM_SUFFIX,
+    INCOMPLETE_SUFFIX,
     MANIFEST_ATTR,
     MANIFEST_FILE,
     OFFSETS,
@@ -40,27 +46,10 @@ from schemas.store import (
     SHARDS_DIR,
     TOKEN_START,
     TOKEN_STOP,
-    ArraySpec,
-    Geometry,
-    Manifest,
-    ShardRange,
     chunk_key,
-    commit_array,
-    index_arrays,
 )
 
-__all__ = ["StoreWriter", "to_bfloat16_bits", "utcnow"]
-
-
-def utcnow() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even, NaN kept NaN."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    return np.where(np.isnan(values), np.uint16(BFLOAT16_NAN_BITS), rounded.astype(np.uint16))
+__all__ = ["StoreWriter"]
 
 
 class StoreWriter:
@@ -71,6 +60,17 @@ class StoreWriter:
         self.manifest = manifest
         self._group: Any = None
         self._arrays: dict[str, Any] = {}
+        self._lease = contextlib.ExitStack()  # the writer lease, held until `close`
+
+    def close(self) -> None:
+        """Release the writer lease: `actcache rm` and `extract --force` may remove the store again."""
+        self._lease.close()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- creation --------------------------------------------------------------------------
 
@@ -91,40 +91,49 @@ class StoreWriter:
     ) -> StoreWriter:
         """The writer of `request`'s store: opened when it exists (its geometry wins), else created.
 
-        Creation builds the whole skeleton (group, empty arrays, manifest, example table)
-        in a sibling temp directory and renames it into place, so a store directory is
-        never half made.
+        The writer holds the store's writer lease (see `cache.lease`) until `close()` (or the
+        end of a `with` block), so the store is not removed under it. Creation builds the whole
+        skeleton (group, empty arrays, manifest, example table) in a sibling temp directory and
+        renames it into place, so a store directory is never half made.
         """
         key = cache_key(request)
         path = store_path(root, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with flocked(lock_path(path)):
-            if not path.exists():
-                own = {spec.name for spec in (*index_arrays(), commit_array())}
-                all_arrays = (*index_arrays(), *(a for a in arrays if a.name not in own), commit_array())
-                manifest = Manifest(
-                    key=key,
-                    request=request.to_dict(),
-                    geometry=geometry,
-                    arrays=tuple(all_arrays),
-                    layers=tuple(layers),
-                    n_states=n_states,
-                    stacks=tuple(stacks),
-                    provenance=dict(provenance or {}),
-                    aliases=tuple(aliases),
-                    created_at=utcnow(),
-                )
-                cls._create(path, manifest, examples)
-            writer = cls(path, cls._read_manifest(path))
-            if writer.manifest.geometry.n_tokens != geometry.n_tokens or (
-                writer.manifest.geometry.n_examples != geometry.n_examples
-            ):
-                raise LayoutMismatchError(
-                    f"store {key} holds {writer.manifest.geometry.n_examples} examples / "
-                    f"{writer.manifest.geometry.n_tokens} tokens, but this run has {geometry.n_examples} / "
-                    f"{geometry.n_tokens}. The key should have differed: remove the store "
-                    f"(actcache rm {key}) and run again."
-                )
+        lease = contextlib.ExitStack()
+        lease.enter_context(writer_lease(path))  # before anything else: rm waits for no one, so go first
+        try:
+            with flocked(lock_path(path)):
+                if not path.exists():
+                    own = {spec.name for spec in (*index_arrays(), commit_array())}
+                    all_arrays = (*index_arrays(), *(a for a in arrays if a.name not in own), commit_array())
+                    manifest = Manifest(
+                        key=key,
+                        request=request.to_dict(),
+                        geometry=geometry,
+                        arrays=tuple(all_arrays),
+                        layers=tuple(layers),
+                        n_states=n_states,
+                        stacks=tuple(stacks),
+                        provenance=dict(provenance or {}),
+                        aliases=tuple(aliases),
+                        created_at=utcnow(),
+                    )
+                    cls._create(path, manifest, examples)
+                writer = cls(path, cls._read_manifest(path))
+                if writer.manifest.geometry.n_tokens != geometry.n_tokens or (
+                    writer.manifest.geometry.n_examples != geometry.n_examples
+                ):
+                    raise LayoutMismatchError(
+                        f"store {key} holds {writer.manifest.geometry.n_examples} examples / "
+                        f"{writer.manifest.geometry.n_tokens} tokens, but this run has {geometry.n_examples} / "
+                        f"{geometry.n_tokens}. The key should have differed: remove the store "
+                        f"(actcache rm {key}) and run again."
+                    )
+        except BaseException:
+            lease.close()
+            raise
+        writer._lease = lease
+        weakref.finalize(writer, lease.close)  # a writer dropped without `close()` still lets go
         for alias in aliases:
             add_alias(root, alias, key)
         return writer
@@ -133,7 +142,7 @@ class StoreWriter:
     def _create(path: Path, manifest: Manifest, examples: Mapping[str, Sequence[Any]] | None) -> None:
         import zarr
 
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.incomplete")
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}{INCOMPLETE_SUFFIX}")
         try:
             group = zarr.open_group(tmp, mode="w", zarr_format=3)
             create_arrays(group, manifest, examples)
@@ -173,25 +182,9 @@ class StoreWriter:
     def claim(self, index: int) -> Iterator[ShardRange]:
         """Hold shard `index` for writing; `ShardClaimedError` if a live process holds it."""
         shard = self.geometry.shards[index]
-        claim_file = self.path / SHARDS_DIR / f"{index:06d}{CLAIM_SUFFIX}"
-        fd = try_flock(claim_file)
-        if fd is None:
-            try:
-                holder = claim_file.read_text(errors="replace").strip() or "another process"
-            except FileNotFoundError:  # released between our attempt and this read
-                holder = "another process (released it just now)"
-            raise ShardClaimedError(
-                f"shard {index} of store {self.key} is being written by {holder}. It will be done "
-                "when that process finishes; run again afterwards to pick up anything it left."
-            )
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {utcnow()}".encode(), 0)
+        with held(self.path, self.key, index):
             self._clean_leftovers(shard)
             yield shard
-        finally:
-            claim_file.unlink(missing_ok=True)
-            os.close(fd)
 
     def try_claim(self, shard: ShardRange) -> contextlib.ExitStack | None:
         """Claim `shard` if it is still pending and no live process holds it; close the stack to release.
@@ -208,13 +201,27 @@ class StoreWriter:
             return None
         return stack
 
-    def claims(self) -> Iterator[ShardRange]:
-        """Claim pending shards one at a time, skipping those other processes hold or finish."""
-        for shard in self.pending_shards():
-            held = self.try_claim(shard)
-            if held is not None:
-                with held:
-                    yield shard
+    def claim_pending(
+        self, wait: Callable[[list[ShardRange]], None] | None = None
+    ) -> Iterator[tuple[ShardRange, contextlib.ExitStack]]:
+        """Claim pending shards one at a time, skipping those live processes hold; close a stack to release.
+
+        With `wait`, go on until no shard is pending: when what is left is all held elsewhere,
+        `wait(held)` is called (it sleeps, or raises to give up) and the shards are looked at
+        again, so a dead holder's shard is taken over. Without, one pass.
+        """
+        while pending := self.pending_shards():
+            held = []
+            for shard in pending:
+                claim = self.try_claim(shard)
+                if claim is None:
+                    held.append(shard)
+                else:
+                    yield shard, claim
+            if wait is None:
+                return
+            if len(held) == len(pending):
+                wait(held)
 
     def _clean_leftovers(self, shard: ShardRange) -> None:
         """Remove temp files a crashed writer of this shard left (zarr's and ours)."""
@@ -288,7 +295,7 @@ class StoreWriter:
                 f"({', '.join(spec.dims)}), got {data.shape}"
             )
         if spec.dtype == "bfloat16" and data.dtype != np.uint16:
-            data = to_bfloat16_bits(data)
+            data = to_bits(data)
         return data.astype(spec.physical_dtype, copy=False)
 
     def _write_block(self, spec: ArraySpec, shard: ShardRange, start: int, block: np.ndarray) -> dict[str, str | None]:

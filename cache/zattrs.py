@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from schemas.manifest import Manifest
 from schemas.store import (
     CHUNK_KEY_ENCODING,
     FORMAT_NAME,
@@ -39,7 +40,6 @@ from schemas.store import (
     SHARD_EXAMPLE_START,
     SHARD_EXAMPLE_STOP,
     ZARR_JSON,
-    Manifest,
     metadata_name,
 )
 

@@ -8,11 +8,14 @@ import math
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from schemas import ActcacheError
+from cache import faults
+from pipeline.stop import RESUME_HINT, STOP_SIGNALS, StopFlag, signal_name
+from schemas import ActcacheError, Interrupted
 
 __all__ = ["build_parser", "main"]
 
@@ -164,6 +167,13 @@ def _add_extract(commands: Any) -> None:
     stored.add_argument("--logits", default="topk:10", help="none | topk:K (default topk:10) | full")
     stored.add_argument("--store-dtype", default="float16", help="float16 (default) | bfloat16 | float32")
     stored.add_argument(
+        "--pooling",
+        type=_pooling_list,
+        default=None,
+        help="pooled arrays to store, of mean,first,last (default all): encoders pool mean and first, "
+        "decoders mean and last",
+    )
+    stored.add_argument(
         "--max-full-logits-gb",
         type=float,
         default=DEFAULT_MAX_FULL_LOGITS_GB,
@@ -220,13 +230,16 @@ def _days(text: str) -> float:
     return days
 
 
-def _joined_values(argv: Sequence[str], options: Sequence[str] = ("--layers",)) -> list[str]:
-    """`--layers -1,-7` as `--layers=-1,-7`: argparse takes a value that starts with '-' for an option."""
+def _joined_values(argv: Sequence[str], options: Sequence[str] = ("--layers", "--older-than")) -> list[str]:
+    """`--layers -1,-7` as `--layers=-1,-7`: argparse takes a value that starts with '-' for an option.
+
+    So is `--older-than -1` (or `-inf`): its own check then says what is wrong with it.
+    """
     out: list[str] = []
     items = list(argv)
     i = 0
     while i < len(items):
-        if items[i] in options and i + 1 < len(items) and items[i + 1].startswith("-") and items[i + 1][1:2].isdigit():
+        if items[i] in options and i + 1 < len(items) and _negative_number(items[i + 1]):
             out.append(f"{items[i]}={items[i + 1]}")
             i += 2
         else:
@@ -235,13 +248,26 @@ def _joined_values(argv: Sequence[str], options: Sequence[str] = ("--layers",)) 
     return out
 
 
+def _negative_number(text: str) -> bool:
+    return text.startswith("-") and (text[1:2].isdigit() or text[1:].lower() in ("inf", "infinity", "nan"))
+
+
+def _pooling_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def _cmd_extract(args: argparse.Namespace) -> int:
     from pipeline.extract import ExtractConfig, extract
+    from pipeline.tuning import ProcessTuning
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command", "debug", "stop")}
     if fields.get("text_columns"):
         fields["text_columns"] = tuple(fields["text_columns"])
-    result = extract(ExtractConfig(**fields))
+    if fields.get("pooling") is None:
+        fields.pop("pooling", None)
+    config = ExtractConfig(**fields)
+    with ProcessTuning() as tuning:
+        result = extract(config, stop=args.stop, hooks=tuning)
     return 0 if result.manifest.complete else 3
 
 
@@ -326,13 +352,16 @@ def _cmd_rm(args: argparse.Namespace) -> int:
 def _cmd_gc(args: argparse.Namespace) -> int:
     from cache import gc
 
-    removed = gc(args.older_than, _root(args), formats=args.formats)
-    for path in removed:
+    result = gc(args.older_than, _root(args), formats=args.formats)
+    for path in result.removed:
         print(f"removed {path}")
+    for kept in result.kept:  # on stderr: each needs a look, and stdout stays the list of what went
+        print(f"actcache: kept {kept.path}: {' '.join(kept.reason.split())}", file=sys.stderr)
     formats = "".join(f", or of format {v}" for v in args.formats)
+    kept_note = f"; {len(result.kept)} kept that gc cannot prove abandoned (listed on stderr)" if result.kept else ""
     print(
-        f"{len(removed)} removed: stores incomplete and untouched for {args.older_than:g} days{formats}, "
-        "and tokenized or Arrow copies of data unused as long"
+        f"{len(result.removed)} removed: stores incomplete and untouched for {args.older_than:g} days{formats}, "
+        f"and tokenized or Arrow copies of data unused as long{kept_note}"
     )
     return 0
 
@@ -354,28 +383,44 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM outside a run: unwind like Ctrl-C (files closed, claims released), exit 143."""
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise _Terminated
-
-
 @contextlib.contextmanager
-def _process_signals() -> Iterator[None]:
-    """The CLI's process set-up, undone on exit: SIGTERM unwinds like Ctrl-C, a file-size limit fails the write."""
-    handlers: dict[signal.Signals, Any] = {signal.SIGTERM: _terminate}
+def _process_signals(flag: StopFlag) -> Iterator[None]:
+    """The CLI's signal set-up, undone on exit.
+
+    Ctrl-C and SIGTERM (what SLURM, Kubernetes and systemd send before a kill) set `flag`
+    while a run listens, so it stops after the batch in hand; outside a run they unwind like
+    Ctrl-C; a second one acts as if we were absent. A file-size limit fails the write (SIGXFSZ
+    ignored) instead of killing the process.
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous: dict[int, Any] = {}
+
+    def on_stop(signum: int, frame: Any) -> None:
+        if flag.stop:  # the second signal
+            handler = previous[signum]
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set from C
+            signal.raise_signal(signum)
+        elif flag.listening:
+            flag.request(signum)
+        else:
+            flag.request(signum)
+            raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    handlers: dict[int, Any] = dict.fromkeys(STOP_SIGNALS, on_stop)
     if hasattr(signal, "SIGXFSZ"):  # without this the kernel kills the process instead of failing the write
         handlers[signal.SIGXFSZ] = signal.SIG_IGN
-    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    previous.update({signum: signal.signal(signum, handler) for signum, handler in handlers.items()})
     try:
         yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def _explain(exc: BaseException) -> tuple[str, int]:
     """One line for an error that reached the top, and the exit status it gets."""
-    from pipeline.run import RESUME_HINT, Interrupted, signal_name
-
     if isinstance(exc, Interrupted):
         return f"actcache: {exc}", 128 + exc.signum
     if isinstance(exc, KeyboardInterrupt):
@@ -401,10 +446,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `actcache` console script; returns the exit status.
 
     Every error ends as one line naming the problem and the fix (`--debug` adds the traceback).
+    The process-wide set-up (signal handlers, test-only crash points) is undone on return.
     """
     args = build_parser().parse_args(_joined_values(sys.argv[1:] if argv is None else argv))
+    args.stop = StopFlag()
+    faults.arm_from_environment()
     try:
-        with _process_signals():
+        with _process_signals(args.stop):
             return int(args.func(args))
     except BrokenPipeError:  # `actcache ls | head`: the reader left, which is no error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -415,3 +463,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(" ".join(message.split()), file=sys.stderr)  # one line, whatever a cause's text holds
         return status
+    finally:
+        faults.disarm()

@@ -8,10 +8,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import json
 import platform
-import shutil
 import socket
 import sys
 import time
@@ -20,19 +18,22 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cache import StoreWriter, cache_root, store_bytes, store_path
-from cache.catalog import read_manifest
-from cache.files import crash_point
+from cache.catalog import read_manifest, remove_store
+from cache.faults import crash_point
 from cache.paths import alias_name, ensure_writable
 from pipeline.datasets import resolve_dataset
 from pipeline.models.helpers import coerce_device
 from pipeline.models.quantization import check_quantizable
 from pipeline.plan import DEFAULT_MAX_FULL_LOGITS_GB, DEFAULT_SHARD_TOKENS, check_full_logits, plan
-from pipeline.reduce import POOLING_BY_STACK, STACKS_BY_ARCH, Reducer
+from pipeline.reduce import Reducer
 from pipeline.resolve import Resolved, resolve
-from pipeline.run import run_shards
+from pipeline.run import RunHooks, run_shards
+from pipeline.stop import StopFlag
 from pipeline.tokenize import tokenize_examples
 from schemas import ConfigError, OutputSpec
-from schemas.store import TOKENIZED_DIR, Manifest, build_arrays
+from schemas.arrays import build_arrays
+from schemas.manifest import Manifest
+from schemas.store import POOLINGS, STACKS_BY_ARCH, TOKENIZED_DIR
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract"]
 
@@ -51,6 +52,7 @@ class ExtractConfig:
     layers: str | None = "all"
     logits: str = "topk:10"
     store_dtype: str = "float16"
+    pooling: tuple[str, ...] = POOLINGS
     batch_size: int = 32
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     device: str | None = None
@@ -94,21 +96,20 @@ class ExtractResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def extract(cfg: ExtractConfig, out: TextIO | None = None) -> ExtractResult:
-    """Run (or resume, or find in the cache) one extraction; the store's path is printed last."""
-    # Set-up imports torch, transformers, datasets and loads the model: hundreds of thousands of
-    # long-lived objects that each full collection would walk again (~1 s here); the run
-    # itself freezes them (see `run_shards`), so collect once, when set-up is done.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        return _extract(cfg, out or sys.stdout, enabled)
-    finally:
-        if enabled:
-            gc.enable()
+def extract(
+    cfg: ExtractConfig,
+    out: TextIO | None = None,
+    *,
+    stop: StopFlag | None = None,
+    hooks: RunHooks | None = None,
+) -> ExtractResult:
+    """Run (or resume, or find in the cache) one extraction; the store's path is printed last.
 
-
-def _extract(cfg: ExtractConfig, out: TextIO, gc_enabled: bool) -> ExtractResult:
+    `stop` lets a host stop the run gracefully after the batch in hand (the CLI sets it on
+    Ctrl-C and SIGTERM); `hooks` let it tune its process around the run (`pipeline.tuning`).
+    Neither is needed from Python: a KeyboardInterrupt there keeps every committed shard.
+    """
+    out = out or sys.stdout
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=out, flush=True))
     started = time.perf_counter()
     stages = _Stages()
@@ -123,7 +124,7 @@ def _extract(cfg: ExtractConfig, out: TextIO, gc_enabled: bool) -> ExtractResult
         pair=cfg.pair,
         limit=cfg.limit,
     )
-    outputs = OutputSpec(layers=cfg.layers, logits=cfg.logits, store_dtype=cfg.store_dtype)
+    outputs = OutputSpec(layers=cfg.layers, logits=cfg.logits, store_dtype=cfg.store_dtype, pooling=cfg.pooling)
     resolved = resolve(
         cfg.model,
         dataset,
@@ -139,7 +140,7 @@ def _extract(cfg: ExtractConfig, out: TextIO, gc_enabled: bool) -> ExtractResult
     path = store_path(root, resolved.key)
     alias = alias_name(resolved.spec.name, dataset.name)
     if path.exists() and cfg.force:
-        shutil.rmtree(path)
+        remove_store(path, root)  # refused while another process writes it
     if path.exists() and read_manifest(path).complete:
         manifest = read_manifest(path)
         say(f"cache hit: {alias} is already extracted (key {resolved.key}); the model was not loaded.")
@@ -150,7 +151,7 @@ def _extract(cfg: ExtractConfig, out: TextIO, gc_enabled: bool) -> ExtractResult
     say(f"{alias}: {len(resolved.examples)} examples, model {resolved.spec.hf_id} -> key {resolved.key}")
     if resolved.quant_bits:  # a layer bitsandbytes cannot take on this device fails now, before any work
         check_quantizable(
-            resolved.checkpoint.path,
+            resolved.prepared.checkpoint.path,
             resolved.quant_bits,
             coerce_device(cfg.device),
             model_name=resolved.spec.name,
@@ -158,8 +159,8 @@ def _extract(cfg: ExtractConfig, out: TextIO, gc_enabled: bool) -> ExtractResult
         )
     tokenized = tokenize_examples(
         resolved.examples,
-        resolved.tokenizer,
-        max_length=resolved.max_length,
+        resolved.prepared.tokenizer,
+        max_length=resolved.prepared.max_length,
         cache_dir=root / TOKENIZED_DIR,
         tok_hash=resolved.tokenizer_hash,
     )
@@ -186,18 +187,18 @@ def _extract(cfg: ExtractConfig, out: TextIO, gc_enabled: bool) -> ExtractResult
         quantization=cfg.quantization,
         trust_remote_code=cfg.trust_remote_code,
         allow_pickle=cfg.allow_pickle,
-        checkpoint=resolved.checkpoint,
-        tokenizer=resolved.tokenizer,
+        prepared=resolved.prepared,
     )
     stages.lap("load model")
     stacks = STACKS_BY_ARCH[resolved.spec.arch]
+    poolings = {stack: outputs.poolings(stack) for stack in stacks}
     has_logits = getattr(runner, "has_lm_head", True)
     logits_mode = outputs.logits if has_logits else "none"
     arrays = build_arrays(
         stacks={s: resolved.hidden_size for s in stacks},
         n_layers=len(resolved.layers),
         store_dtype=outputs.store_dtype,
-        poolings={s: POOLING_BY_STACK[s] for s in stacks},
+        poolings=poolings,
         token_level=outputs.token_level,
         logits=logits_mode,
         vocab=resolved.vocab_size,
@@ -214,37 +215,43 @@ def _extract(cfg: ExtractConfig, out: TextIO, gc_enabled: bool) -> ExtractResult
         aliases=(alias,),
         provenance=_provenance(cfg, runner, resolved),
     )
-    pending = writer.pending_shards()
-    done = len(writer.geometry.shards) - len(pending)
-    if done:
-        say(f"resuming: {done}/{len(writer.geometry.shards)} shards already committed")
-    if not has_logits and outputs.logits != "none":
-        say(f"note: {resolved.spec.name} has no LM head in its checkpoint; no logits are stored")
-    reducer = Reducer(
-        layers=resolved.layers,
-        stacks=stacks,
-        store_dtype=outputs.store_dtype,
-        topk=outputs.topk,
-        logits=logits_mode,
-        target="next" if resolved.spec.arch == "decoder_only" else "observed",
-        token_level=outputs.token_level,
-    )
-    from tqdm.auto import tqdm
+    try:
+        pending = writer.pending_shards()
+        done = len(writer.geometry.shards) - len(pending)
+        if done:
+            say(f"resuming: {done}/{len(writer.geometry.shards)} shards already committed")
+        if not has_logits and outputs.logits != "none":
+            say(f"note: {resolved.spec.name} has no LM head in its checkpoint; no logits are stored")
+        reducer = Reducer(
+            layers=resolved.layers,
+            stacks=stacks,
+            poolings=poolings,
+            store_dtype=outputs.store_dtype,
+            topk=outputs.topk,
+            logits=logits_mode,
+            target="next" if resolved.spec.arch == "decoder_only" else "observed",
+            token_level=outputs.token_level,
+        )
+        from tqdm.auto import tqdm
 
-    stages.lap("open store")
-    if gc_enabled:
-        gc.enable()
-    total = sum(s.n_tokens for s in pending)
-    with tqdm(total=total, unit="tok", unit_scale=True, disable=cfg.quiet, file=sys.stderr, desc="extract") as bar:
-        stats = run_shards(runner, tokenized, writer, reducer, batch_size=cfg.batch_size, progress=bar)
-    stages.lap("run")
-    elapsed = time.perf_counter() - started
-    manifest = writer.finalize(
-        stats={
-            "n_truncated": tokenized.n_truncated,
-            "n_empty": sum(1 for t in resolved.examples.texts if not (t if isinstance(t, str) else "".join(t)).strip()),
-        }
-    )
+        stages.lap("open store")
+        total = sum(s.n_tokens for s in pending)
+        with tqdm(total=total, unit="tok", unit_scale=True, disable=cfg.quiet, file=sys.stderr, desc="extract") as bar:
+            stats = run_shards(
+                runner, tokenized, writer, reducer, batch_size=cfg.batch_size, progress=bar, stop=stop, hooks=hooks
+            )
+        stages.lap("run")
+        elapsed = time.perf_counter() - started
+        manifest = writer.finalize(
+            stats={
+                "n_truncated": tokenized.n_truncated,
+                "n_empty": sum(
+                    1 for t in resolved.examples.texts if not (t if isinstance(t, str) else "".join(t)).strip()
+                ),
+            }
+        )
+    finally:
+        writer.close()  # the writer lease: the store may be removed again
     _warn_nonfinite(manifest, say)
     summary = _summary(manifest, writer.path, elapsed, stats.tokens)
     summary["padding_share"] = 1 - stats.tokens / stats.computed_positions if stats.computed_positions else 0.0
@@ -279,9 +286,8 @@ def _provenance(cfg: ExtractConfig, runner: Any, resolved: Resolved) -> dict[str
         "batch_size": cfg.batch_size,
         "shard_tokens": cfg.shard_tokens,
         "device": str(runner.device),
-        "workers": 1,
-        "model_source": resolved.checkpoint.source,
-        "model_path": str(resolved.checkpoint.path),
+        "model_source": resolved.prepared.checkpoint.source,
+        "model_path": str(resolved.prepared.checkpoint.path),
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "versions": {

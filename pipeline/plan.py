@@ -8,9 +8,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from schemas import ConfigError, OutputSpec
-from schemas.store import Geometry, default_token_chunk, plan_geometry
+from schemas.geometry import Geometry, ShardRange
 
-__all__ = ["DEFAULT_MAX_FULL_LOGITS_GB", "DEFAULT_SHARD_TOKENS", "check_full_logits", "plan"]
+__all__ = [
+    "DEFAULT_MAX_FULL_LOGITS_GB",
+    "DEFAULT_SHARD_TOKENS",
+    "check_full_logits",
+    "default_token_chunk",
+    "plan",
+    "plan_geometry",
+]
 
 DEFAULT_SHARD_TOKENS = 16384  # a shard's buffers for 13 layers x 768 float16: ~330 MB
 DEFAULT_MAX_FULL_LOGITS_GB = 20.0
@@ -24,6 +31,43 @@ def plan(lengths: Sequence[int] | np.ndarray, *, shard_tokens: int, hidden: int,
     # Shards end on multiples of the example chunk: make it about a shard's worth of examples.
     example_chunk = int(min(1024, max(4, 2 ** math.floor(math.log2(max(1.0, shard_tokens / mean))))))
     return plan_geometry(list(lengths), shard_tokens=shard_tokens, token_chunk=token_chunk, example_chunk=example_chunk)
+
+
+def default_token_chunk(hidden: int, itemsize: int, target_bytes: int = 2 << 20) -> int:
+    """Tokens per chunk so that one layer's chunk is about `target_bytes` (a power of two, 256..65536)."""
+    tokens = max(1, target_bytes // max(1, hidden * itemsize))
+    return int(min(65536, max(256, 2 ** round(math.log2(tokens)))))
+
+
+def plan_geometry(lengths: Sequence[int], *, shard_tokens: int, token_chunk: int, example_chunk: int) -> Geometry:
+    """Split examples into shards of about `shard_tokens` tokens, in blocks of `example_chunk`.
+
+    A shard closes once it holds `shard_tokens` tokens or more; it always ends on a
+    multiple of `example_chunk` (or at the last example), and its tokens start on a
+    multiple of `token_chunk` of the physical axis.
+    """
+    for name, value in (
+        ("shard_tokens", shard_tokens),
+        ("token_chunk", token_chunk),
+        ("example_chunk", example_chunk),
+    ):
+        if int(value) < 1:
+            raise ConfigError(f"{name} must be a positive number of tokens/examples, got {value!r}")
+    if any(n < 0 for n in lengths):
+        raise ConfigError("token lengths cannot be negative")
+    shards: list[ShardRange] = []
+    ex_start = tok_start = phys_start = 0
+    tokens = 0
+    n = len(lengths)
+    for block_start in range(0, n, example_chunk):
+        block_stop = min(n, block_start + example_chunk)
+        tokens += sum(lengths[block_start:block_stop])
+        if tokens >= shard_tokens or block_stop == n:
+            shard = ShardRange(len(shards), ex_start, block_stop, tok_start, tok_start + tokens, phys_start)
+            shards.append(shard)
+            ex_start, tok_start, phys_start = block_stop, shard.tok_stop, shard.phys_stop(token_chunk)
+            tokens = 0
+    return Geometry(n, tok_start, int(token_chunk), int(example_chunk), tuple(shards))
 
 
 def check_full_logits(outputs: OutputSpec, n_tokens: int, vocab: int, limit_gb: float) -> str:

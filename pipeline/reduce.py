@@ -7,6 +7,7 @@ the host: the real (non-pad) tokens of the stored layers, pooled vectors, top-k 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,13 +26,8 @@ from schemas.store import (
     pooled_name,
 )
 
-__all__ = ["POOLING_BY_STACK", "STACKS_BY_ARCH", "BatchResult", "Reducer", "storage_array"]
+__all__ = ["BatchResult", "Reducer", "storage_array"]
 
-# Mean over every real position, special tokens included (as sentence-transformers pools),
-# plus the position that summarises a sequence in each kind of stack.
-POOLING_BY_STACK = {"encoder": ("mean", "first"), "decoder": ("mean", "last")}
-# The stacks stored per family; mT5's decoder lines up with its input tokens ("shifted" policy).
-STACKS_BY_ARCH = {"encoder_only": ("encoder",), "decoder_only": ("decoder",), "seq2seq": ("encoder", "decoder")}
 _LOGIT_CHUNK = 256  # tokens per log-softmax slice: bounds memory for 250k vocabularies
 
 
@@ -64,10 +60,11 @@ class BatchResult:
 
 @dataclass(frozen=True)
 class Reducer:
-    """How a runner's outputs become stored arrays: which layers, stacks, logits, dtype."""
+    """How a runner's outputs become stored arrays: which layers, stacks, poolings, logits, dtype."""
 
     layers: tuple[int, ...]
     stacks: tuple[str, ...]
+    poolings: Mapping[str, tuple[str, ...]]  # per stack, as `OutputSpec.poolings` gives them
     store_dtype: str
     topk: int | None
     logits: str  # 'none' | 'topk:K' | 'full'
@@ -91,7 +88,7 @@ class Reducer:
             if self.token_level:
                 result.token_arrays[hidden_name(stack)] = _to_numpy(stored)
             result.nonfinite[stack] = _nonfinite(real, stored)
-            for how in POOLING_BY_STACK[stack]:
+            for how in self.poolings[stack]:
                 pooled = torch.stack([_pool(states[i], mask, lengths, how) for i in self.layers])
                 result.example_arrays[pooled_name(stack, how)] = storage_array(pooled, self.store_dtype)
         if self.logits != "none" and out.logits is not None:

@@ -14,10 +14,9 @@ from typing import Any
 from cache import cache_key
 from cache.paths import is_local
 from pipeline.datasets import Examples, load_examples
-from pipeline.models import resolve_checkpoint, resolve_spec
-from pipeline.models.base import load_tokenizer, max_length_for, quantization_bits
+from pipeline.models import resolve_spec
+from pipeline.models.base import Prepared, prepare, quantization_bits
 from pipeline.models.helpers import resolve_dtype
-from pipeline.models.hub import ResolvedCheckpoint, check_weights, read_config
 from pipeline.tokenize import tokenizer_hash
 from schemas import CheckpointError, ExtractionRequest, ModelSpec, OutputSpec
 from schemas.dataset import DatasetSpec
@@ -32,10 +31,8 @@ class Resolved:
     """Everything the later stages need, decided once."""
 
     spec: ModelSpec
-    checkpoint: ResolvedCheckpoint
-    tokenizer: Any
+    prepared: Prepared  # checkpoint, config, tokenizer, max length: the runner reuses them
     tokenizer_hash: str
-    max_length: int
     examples: Examples
     request: ExtractionRequest
     key: str
@@ -79,14 +76,11 @@ def resolve(
     dtype_name = parse_dtype_name(dtype) if dtype is not None else spec.dtype
     resolve_dtype(dtype_name)
     bits = quantization_bits(spec, quantization)
-    checkpoint = resolve_checkpoint(spec, revision)
-    check_weights(checkpoint.path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    tokenizer = load_tokenizer(checkpoint.path, spec, trust_remote_code=trust_remote_code)
-    config = read_config(checkpoint.path)
-    n_states, hidden, vocab = model_depths(config, spec.arch)
+    prepared = prepare(spec, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    checkpoint, max_length = prepared.checkpoint, prepared.max_length
+    n_states, hidden, vocab = model_depths(prepared.config, spec.arch)
     layers = outputs.resolve_layers(n_states)
-    max_length = max_length_for(spec, tokenizer, config.get("max_position_embeddings"))
-    tok_hash = tokenizer_hash(tokenizer)
+    tok_hash = tokenizer_hash(prepared.tokenizer)
     arrow_cache = cache_dir / DATASETS_DIR if cache_dir is not None and is_local(cache_dir) else None
     examples = load_examples(dataset, arrow_cache)
     model_identity = {
@@ -101,10 +95,8 @@ def resolve(
     request = ExtractionRequest(model=model_identity, dataset=examples.identity(), outputs=outputs)
     return Resolved(
         spec,
-        checkpoint,
-        tokenizer,
+        prepared,
         tok_hash,
-        max_length,
         examples,
         request,
         cache_key(request),

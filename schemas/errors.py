@@ -2,6 +2,12 @@
 
     ActcacheError
     ├── ConfigError (ValueError)                  bad option: dtype, device, arch, spec field
+    ├── DatasetError
+    │   ├── DatasetNotAvailableError (FileNotFoundError)
+    │   │                                         not registered, not a file, not in the local cache while offline
+    │   └── DatasetIOError (OSError)              disk full, file-size limit or permission denied reading a
+    │                                             dataset or writing its Arrow copy (`errno` is the cause's)
+    ├── Interrupted                               a run stopped by Ctrl-C or SIGTERM; committed shards kept
     ├── ModelError
     │   ├── UnknownModelError (LookupError)       not a registry key nor a model directory
     │   ├── ModelNotAvailableError (FileNotFoundError)
@@ -15,6 +21,7 @@
         │   └── NotAStoreError                    a directory without actcache's signature (never removed)
         ├── IncompleteStoreError                  shards still missing (allow_partial reads the rest)
         ├── ShardClaimedError                     another live process is writing that shard
+        ├── StoreInUseError                       a live writer holds the store's lease: rm, gc refuse to remove it
         ├── StoreCorruptError                     manifest, marker or chunk fails its checksum
         ├── SchemaVersionError                    written by a schema version we cannot read
         ├── LayoutMismatchError (ValueError)      data that does not fit the store's layout
@@ -33,7 +40,11 @@ __all__ = [
     "CacheError",
     "CheckpointError",
     "ConfigError",
+    "DatasetError",
+    "DatasetIOError",
+    "DatasetNotAvailableError",
     "IncompleteStoreError",
+    "Interrupted",
     "LayoutMismatchError",
     "ModelError",
     "ModelNotAvailableError",
@@ -43,6 +54,7 @@ __all__ = [
     "ShardClaimedError",
     "StoreCorruptError",
     "StoreFullError",
+    "StoreInUseError",
     "StoreNotFoundError",
     "UnknownModelError",
     "UnsafeCheckpointError",
@@ -56,6 +68,29 @@ class ActcacheError(Exception):
 
 class ConfigError(ActcacheError, ValueError):
     """An option or spec field has a value actcache cannot use."""
+
+
+class Interrupted(ActcacheError):
+    """A run was stopped by a signal (Ctrl-C, SIGTERM); committed shards are kept, rerun to continue."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class DatasetError(ActcacheError):
+    """A dataset could not be found or read."""
+
+
+class DatasetNotAvailableError(DatasetError, FileNotFoundError):
+    """The dataset is neither registered, nor a local file, nor loadable from the Hub or its cache."""
+
+
+class DatasetIOError(DatasetError, OSError):
+    """The system refused a read or write of a dataset (no space, a file-size limit, no permission).
+
+    `errno` is the refused call's (ENOSPC, EFBIG, EACCES, ...), so callers can test it as for any OSError.
+    """
 
 
 class ModelError(ActcacheError):
@@ -103,6 +138,10 @@ class IncompleteStoreError(CacheError):
 
 class ShardClaimedError(CacheError):
     """Another live process is writing that shard."""
+
+
+class StoreInUseError(CacheError):
+    """A live process holds the store's writer lease: it is not removed from under that writer."""
 
 
 class StoreCorruptError(CacheError):

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Any
 
 from schemas.errors import ConfigError
+from schemas.store import POOLING_BY_STACK, POOLINGS
 
 __all__ = [
     "LOGITS_MODES",
@@ -72,10 +73,10 @@ def parse_layers(value: str | int | tuple[int, ...] | list[int] | None) -> tuple
 class OutputSpec:
     """What is stored: hidden-state layers, pooling, logits mode and storage dtype.
 
-    `layers` None means all; `pooling` is stored per stack as the mean over every non-pad
-    position (special tokens included, as sentence-transformers pools) plus the first token
-    for encoder stacks and the last token for decoder stacks; `token_level` False keeps
-    only the pooled arrays.
+    `layers` None means all; `pooling` names the pooled arrays to store, among each stack's
+    own (`POOLING_BY_STACK`: the mean over every non-pad position, special tokens included,
+    as sentence-transformers pools, plus the first token for encoder stacks and the last
+    for decoder stacks; see `poolings`); `token_level` False keeps only the pooled arrays.
     """
 
     layers: str | tuple[int, ...] | None = None  # parsed to a tuple of indices or None (all)
@@ -88,7 +89,16 @@ class OutputSpec:
         object.__setattr__(self, "layers", parse_layers(self.layers))
         object.__setattr__(self, "logits", parse_logits_mode(self.logits))
         object.__setattr__(self, "store_dtype", parse_store_dtype(self.store_dtype))
-        object.__setattr__(self, "pooling", tuple(self.pooling))
+        asked = (self.pooling,) if isinstance(self.pooling, str) else tuple(self.pooling)
+        unknown = [how for how in asked if how not in POOLINGS]
+        if unknown:
+            raise ConfigError(f"unknown pooling {unknown[0]!r}; use any of {', '.join(POOLINGS)}")
+        # One spelling per choice (order and repeats do not change what is stored), so one key.
+        object.__setattr__(self, "pooling", tuple(how for how in POOLINGS if how in asked))
+
+    def poolings(self, stack: str) -> tuple[str, ...]:
+        """The pooled arrays stored for `stack`: its own poolings that `pooling` asks for."""
+        return tuple(how for how in POOLING_BY_STACK[stack] if how in self.pooling)
 
     @property
     def topk(self) -> int | None:

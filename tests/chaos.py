@@ -3,7 +3,7 @@
     python -m tests.chaos [--points 24] [--seed 0]      (make chaos)
 
 Each kill point starts `actcache extract` on a tiny model in a fresh cache, kills it with
-SIGKILL (at a named crash point, see `cache.files.crash_point`, or after a random delay),
+SIGKILL (at a named crash point, see `cache.faults`, or after a random delay),
 reruns the same command to completion, verifies the store and compares every array with
 an uninterrupted run's. It prints a markdown table and exits non-zero if any value was lost.
 """

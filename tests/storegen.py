@@ -11,6 +11,9 @@ from typing import Any
 import numpy as np
 
 from cache import StoreWriter
+from pipeline.plan import plan_geometry
+from schemas.arrays import build_arrays
+from schemas.geometry import Geometry, ShardRange
 from schemas.request import ExtractionRequest, OutputSpec
 from schemas.store import (
     LOGITS_ENTROPY,
@@ -19,11 +22,7 @@ from schemas.store import (
     LOGITS_TOPK_VALUES,
     SPECIAL_MASK,
     TOKEN_IDS,
-    Geometry,
-    ShardRange,
-    build_arrays,
     hidden_name,
-    plan_geometry,
     pooled_name,
 )
 
@@ -138,11 +137,12 @@ if __name__ == "__main__":
 
 
 def complete_store(root: Path, store_dtype: str = "float16", order: str = "reverse") -> tuple[StoreWriter, Synthetic]:
-    """A store of `synthetic()` data with every shard written (in reverse order by default) and finalized."""
+    """A store of `synthetic()` data with every shard written (in reverse order by default), finalized, closed."""
     data = synthetic()
     writer = open_writer(root, data, store_dtype)
     indices = [s.index for s in writer.geometry.shards]
     for index in reversed(indices) if order == "reverse" else indices:
         write_shard(writer, data, index)
     assert writer.finalize().complete
+    writer.close()  # done writing: its lease would keep rm and gc off the store
     return writer, data

@@ -223,3 +223,26 @@ def test_datasets_arrow_copies_live_under_the_root_and_gc_cleans_them(home: dict
     assert not any((root / "datasets").iterdir()) and not any((root / "tokenized").iterdir())
     assert list((root / "stores").glob("*.zarr")), "a complete store is never gc'ed"
     assert _cli(home, *args, "--quiet").returncode == 0, "and the next run rebuilds what gc removed"
+
+
+def test_a_bad_summary_path_is_refused_before_the_run(home: dict[str, Any], tiny_dir: Any) -> None:
+    base = ["extract", "--model", str(tiny_dir("bert")), "--data", str(home["data"]), "--cache-dir", str(home["root"])]
+    done = _cli(home, *base, "--summary-json", str(home["home"] / "missing" / "run.json"))
+    assert done.returncode == 2 and "does not exist" in done.stderr, done.stderr
+    assert not list(home["root"].glob("stores/*.zarr")), "refused before any store was written"
+
+
+def test_gc_keeps_fresh_tokenized_and_arrow_copies(home: dict[str, Any], tiny_dir: Any) -> None:
+    root = home["root"]
+    args = ["extract", "--model", str(tiny_dir("bert")), "--data", str(home["data"]), "--cache-dir", str(root)]
+    assert _cli(home, *args, "--quiet").returncode == 0
+    before = sorted(p.name for d in ("tokenized", "datasets") for p in (root / d).iterdir())
+    assert before, "the run left tokenized and Arrow copies"
+    assert _cli(home, "gc", "--cache-dir", str(root), "--older-than", "7").returncode == 0
+    assert sorted(p.name for d in ("tokenized", "datasets") for p in (root / d).iterdir()) == before
+
+
+def test_gc_with_a_negative_infinite_age_gets_its_own_message(home: dict[str, Any]) -> None:
+    """argparse would take `-inf` for an option; the CLI passes it on to the age check, which names it."""
+    done = _cli(home, "gc", "--cache-dir", str(home["root"]), "--older-than", "-inf")
+    assert done.returncode == 2 and "finite number of days" in done.stderr, done.stderr

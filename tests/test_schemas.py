@@ -83,7 +83,8 @@ def test_schemas_imports_neither_torch_nor_the_other_layers() -> None:
     example_chunk=st.integers(1, 16),
 )
 def test_shard_plan_invariants(lengths: list[int], shard_tokens: int, token_chunk: int, example_chunk: int) -> None:
-    from schemas.store import Geometry, plan_geometry
+    from pipeline.plan import plan_geometry
+    from schemas.geometry import Geometry
 
     g = plan_geometry(lengths, shard_tokens=shard_tokens, token_chunk=token_chunk, example_chunk=example_chunk)
     assert Geometry.from_dict(g.to_dict()) == g
@@ -102,7 +103,9 @@ def test_shard_plan_invariants(lengths: list[int], shard_tokens: int, token_chun
 
 @given(specs, st.lists(st.integers(0, 30), min_size=1, max_size=20), st.booleans())
 def test_manifest_round_trips_through_dict(spec: ModelSpec, lengths: list[int], complete: bool) -> None:
-    from schemas.store import Manifest, build_arrays, plan_geometry
+    from pipeline.plan import plan_geometry
+    from schemas.arrays import build_arrays
+    from schemas.manifest import Manifest
 
     manifest = Manifest(
         key="0" * 32,

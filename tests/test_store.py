@@ -27,11 +27,11 @@ from cache import (
     list_stores,
     open_activations,
     read_manifest,
-    reader,
     remove_store,
     verify,
+    views,
 )
-from cache import writer as writer_module
+from cache import claims as claims_module
 from cache.chunkio import ChunkFiles
 from cache.integrity import marker_path
 from cache.paths import alias_path, cache_root
@@ -109,7 +109,7 @@ def test_reads_match_across_block_sizes_and_the_zarr_fallback(
     writer, data = complete_store(_cache_root)
     expected = expected_storage(data.hidden, "float16")
     for block_bytes in (1, 5 * HIDDEN * 2, 64 << 20):  # one chunk, 5 tokens, everything
-        monkeypatch.setattr(reader, "_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(views, "_BLOCK_BYTES", block_bytes)
         acts = open_activations(writer.key)
         for layer in (0, 3):
             np.testing.assert_array_equal(acts.hidden(layer).compute(), expected[layer])
@@ -152,13 +152,27 @@ def test_chunk_reads_are_what_zarr_reads(tmp_path: Path, dtype: str | None, fill
 
 
 def test_chunk_files_only_for_the_chains_they_implement(tmp_path: Path) -> None:
+    """bytes [+ Blosc] + crc32c: ChunkFiles, and it reads what zarr wrote; any other chain: None (zarr's path)."""
+    values = np.arange(4 * 20, dtype="float16").reshape(4, 20) / 7  # 20 rows in chunks of 8: the last is short
+
     def array(name: str, compressors: Any) -> Any:
-        return zarr.create_array(tmp_path / name, shape=(4, 8), chunks=(1, 8), dtype="float16", compressors=compressors)
+        a = zarr.create_array(tmp_path / name, shape=(4, 20), chunks=(1, 8), dtype="float16", compressors=compressors)
+        a[...] = values
+        return a
 
     assert ChunkFiles.of(array("a", None), tmp_path / "a", 1) is None  # no checksum: zarr's path
     assert ChunkFiles.of(array("b", [ZstdCodec(level=1), Crc32cCodec()]), tmp_path / "b", 1) is None
-    assert ChunkFiles.of(array("c", [BloscCodec(cname="lz4"), Crc32cCodec()]), tmp_path / "c", 1) is not None
-    assert ChunkFiles.of(array("d", [Crc32cCodec()]), tmp_path / "d", 1) is not None
+    implemented = {
+        "c": [BloscCodec(cname="lz4"), Crc32cCodec()],  # the float chain
+        "d": [BloscCodec(cname="zstd", clevel=1), Crc32cCodec()],  # the integer chain
+        "e": [Crc32cCodec()],  # the checksum alone
+    }
+    for name, chain in implemented.items():
+        files = ChunkFiles.of(array(name, chain), tmp_path / name, 1)
+        assert files is not None, f"{name}: {chain} is a chain ChunkFiles implements"
+        for row in range(4):
+            np.testing.assert_array_equal(files.read_rows((row,), 0, 20), values[row], err_msg=name)
+            np.testing.assert_array_equal(files.read_rows((row,), 5, 17), values[row, 5:17], err_msg=name)
 
 
 def test_markers_from_before_crc32c_still_verify(_cache_root: Path) -> None:
@@ -220,7 +234,8 @@ def test_reader_is_lazy(_cache_root: Path) -> None:
 
 
 def test_layers_subset_and_error_names_stored_layers(_cache_root: Path) -> None:
-    from schemas.store import build_arrays, plan_geometry
+    from pipeline.plan import plan_geometry
+    from schemas.arrays import build_arrays
 
     data = synthetic()
     geometry = plan_geometry(data.lengths.tolist(), shard_tokens=1000, token_chunk=64, example_chunk=64)
@@ -293,6 +308,50 @@ def test_incomplete_store_is_an_error_unless_partial(_cache_root: Path) -> None:
         np.testing.assert_array_equal(acts.example(j).token_ids, data.token_ids[span])
 
 
+@pytest.mark.parametrize("missing", [0, -1])
+def test_finalize_with_one_marker_missing_leaves_the_store_incomplete(_cache_root: Path, missing: int) -> None:
+    """Every shard but one committed: finalize must not mark the store complete, in the manifest or in
+    zarr.json, and the reader refuses it naming that shard; once it is written, finalize completes."""
+    data = synthetic()
+    writer = open_writer(_cache_root, data)
+    shards = writer.geometry.shards
+    assert len(shards) > 3, "the test needs several shards"
+    left_out = shards[missing].index
+    for shard in shards:
+        if shard.index != left_out:
+            write_shard(writer, data, shard.index)
+    assert not writer.finalize().complete
+    assert not read_manifest(writer.path).complete
+    root = json.loads((writer.path / "zarr.json").read_text())["attributes"]["actcache"]
+    assert root["complete"] is False, "zarr-only readers must not see a complete store"
+    committed = zarr.open_group(writer.path, mode="r")["shard_committed"][:]
+    assert committed.tolist() == [0 if s.index == left_out else 1 for s in shards]
+    with pytest.raises(IncompleteStoreError, match=rf"missing shards \[{left_out}\]"):
+        open_activations(writer.key)
+    assert verify(writer.key).missing == [left_out]
+    write_shard(writer, data, left_out)
+    assert writer.finalize().complete and read_manifest(writer.path).complete
+    assert json.loads((writer.path / "zarr.json").read_text())["attributes"]["actcache"]["complete"] is True
+    np.testing.assert_array_equal(open_activations(writer.key).token_ids.compute(), data.token_ids)
+
+
+def test_requests_differing_only_in_revision_have_different_keys(_cache_root: Path) -> None:
+    """The revision is hashed, not only recorded: two commits of one Hub id never share a store."""
+    from schemas.request import ExtractionRequest
+
+    a, b = storegen.request(revision="a" * 40), storegen.request(revision="b" * 40)
+    assert {k: v for k, v in a.model.items() if k != "revision"} == {
+        k: v for k, v in b.model.items() if k != "revision"
+    }
+    assert (a.dataset, a.outputs) == (b.dataset, b.outputs)
+    assert cache_key(a) != cache_key(b)
+    assert cache_key(a) == cache_key(ExtractionRequest.from_dict(json.loads(json.dumps(a.to_dict()))))
+    data = synthetic()
+    writers = [open_writer(_cache_root, data, revision=r) for r in ("a" * 40, "b" * 40)]
+    assert writers[0].path != writers[1].path, "two revisions, two stores"
+    assert [read_manifest(w.path).request["model"]["revision"] for w in writers] == ["a" * 40, "b" * 40]
+
+
 def test_two_processes_write_disjoint_shards_at_once(_cache_root: Path) -> None:
     data = synthetic()
     writer = open_writer(_cache_root, data)
@@ -335,7 +394,11 @@ def test_claim_is_exclusive_and_taken_over_from_a_dead_process(_cache_root: Path
         with pytest.raises(ShardClaimedError, match=f"shard 0 of store .* pid {holder.pid}"):
             with writer.claim(0):
                 pass
-        assert [s.index for s in writer.claims()][:1] == [1], "claims() skips the held shard"
+        claimed = []
+        for shard, claim in writer.claim_pending():  # one pass, no waiting
+            claimed.append(shard.index)
+            claim.close()
+        assert claimed[:1] == [1], "claim_pending() skips the held shard"
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -347,7 +410,7 @@ def test_a_claim_released_while_we_look_is_still_just_taken(_cache_root: Path, m
     """The holder (another process, or this one's writer thread) may finish between our lock
     attempt and reading its name: that is a held shard, not a crash."""
     writer = open_writer(_cache_root, synthetic())
-    monkeypatch.setattr(writer_module, "try_flock", lambda path: None)  # the lock was held ...
+    monkeypatch.setattr(claims_module, "try_flock", lambda path: None)  # the lock was held ...
     assert not list((writer.path / "shards").glob("*.claim"))  # ... and its file is gone now
     with pytest.raises(ShardClaimedError, match="released it just now"):
         with writer.claim(0):
@@ -509,13 +572,13 @@ def test_gc_removes_only_old_incomplete_stores(_cache_root: Path) -> None:
     done, _ = complete_store(_cache_root)
     stale = open_writer(_cache_root, synthetic(), dataset_hash="other")
     fresh = open_writer(_cache_root, synthetic(), dataset_hash="third")
+    stale.close()  # abandoned: no writer holds it any more
     old = time.time() - 10 * 86400
     for path in (done.path, stale.path):
         for dirpath, _dirs, files in os.walk(path):
             for name in [*files, "."]:
                 os.utime(os.path.join(dirpath, name), (old, old))
-    removed = gc(older_than_days=7)
-    assert removed == [stale.path]
+    assert gc(older_than_days=7).removed == (stale.path,)
     assert done.path.exists() and fresh.path.exists() and not stale.path.exists()
 
 
@@ -578,8 +641,8 @@ def test_stores_of_an_older_format_are_marked_refused_and_removed_by_gc(_cache_r
     ).stdout
     [row] = [line for line in listing.splitlines() if line.startswith(old.key)]
     assert "format 1" in row and "actcache gc --format 1" in listing
-    assert gc(older_than_days=7) == [] and old.path.exists(), "age alone never removes a complete store"
-    assert gc(older_than_days=7, formats=[1]) == [old.path]
+    assert gc(older_than_days=7).removed == () and old.path.exists(), "age alone never removes a complete store"
+    assert gc(older_than_days=7, formats=[1]).removed == (old.path,)
     assert not old.path.exists() and current.path.exists()
     with pytest.raises(ConfigError, match="--format takes older formats only"):
         gc(older_than_days=7, formats=[2])
@@ -597,3 +660,12 @@ def test_a_shard_claimed_again_is_not_flagged_committed_while_it_is_rewritten(_c
         assert zarr.open_group(writer.path, mode="r")[SHARD_COMMITTED][1] == 0
         writer.write_shard(shard, shard_arrays(data, shard), data.lengths[shard.ex_start : shard.ex_stop])
     assert flag.exists() and verify(writer.key).ok
+
+
+@pytest.mark.parametrize("age", [-1.0, float("nan"), float("-inf")])
+def test_gc_refuses_an_age_below_zero_or_not_finite(_cache_root: Path, age: float) -> None:
+    """The library checks the age itself (not only the CLI): -1 would make every store "old"."""
+    fresh = open_writer(_cache_root, synthetic(), dataset_hash="fresh")  # incomplete, being written
+    with pytest.raises(ConfigError, match="0 days or more"):
+        gc(older_than_days=age)
+    assert fresh.path.exists()

@@ -14,18 +14,19 @@ import contextlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from pipeline.models.helpers import coerce_device, resolve_dtype
-from pipeline.models.hub import ResolvedCheckpoint, check_weights, resolve_checkpoint
+from pipeline.models.hub import ResolvedCheckpoint, check_weights, read_config, resolve_checkpoint
 from pipeline.models.quantization import bitsandbytes_config, check_quantizable, probe_quantized
 from schemas import CheckpointError, ConfigError, ModelOutputs, ModelSpec
 from schemas.model import parse_quant_bits
 
-__all__ = ["BaseModelRunner", "load_tokenizer", "max_length_for", "quantization_bits"]
+__all__ = ["BaseModelRunner", "Prepared", "load_tokenizer", "max_length_for", "prepare", "quantization_bits"]
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _UNBOUNDED = 1_000_000  # tokenizers without a limit report ~1e30
@@ -96,6 +97,33 @@ def load_tokenizer(path: Path, spec: ModelSpec, *, trust_remote_code: bool = Fal
     return tokenizer
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A checkpoint found and checked, its config, tokenizer and example length: decided once.
+
+    `prepare` makes it without loading weights; `actcache extract` prepares in its resolve
+    stage (the cache key needs the tokenizer) and hands it to the runner, which reuses it.
+    """
+
+    checkpoint: ResolvedCheckpoint
+    config: dict[str, Any]
+    safetensors: bool  # False: pickle weights, allowed by the caller
+    tokenizer: Any
+    max_length: int
+
+
+def prepare(
+    spec: ModelSpec, *, revision: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False
+) -> Prepared:
+    """Find `spec`'s checkpoint, check its files, read its config and tokenizer; no weight is loaded."""
+    checkpoint = resolve_checkpoint(spec, revision)
+    safetensors = check_weights(checkpoint.path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    config = read_config(checkpoint.path)
+    tokenizer = load_tokenizer(checkpoint.path, spec, trust_remote_code=trust_remote_code)
+    max_length = max_length_for(spec, tokenizer, config.get("max_position_embeddings"))
+    return Prepared(checkpoint, config, safetensors, tokenizer, max_length)
+
+
 def max_length_for(spec: ModelSpec, tokenizer: Any, max_positions: int | None) -> int:
     """Tokens per example: the spec's max_length, capped by the tokenizer's own limit."""
     limits = []
@@ -131,8 +159,7 @@ class BaseModelRunner(ABC):
         output_attentions: bool = False,
         trust_remote_code: bool = False,
         allow_pickle: bool = False,
-        checkpoint: ResolvedCheckpoint | None = None,
-        tokenizer: Any = None,
+        prepared: Prepared | None = None,
     ) -> None:
         if spec.arch != self.arch:
             raise ConfigError(f"{type(self).__name__} runs {self.arch!r} models, not {spec.arch!r} ({spec.name!r})")
@@ -142,16 +169,16 @@ class BaseModelRunner(ABC):
         self.quant_bits = self._quant_bits(quantization)
         self.output_attentions = output_attentions
         self.trust_remote_code = trust_remote_code
-        self._given_tokenizer = tokenizer  # from `load_tokenizer`, when the caller already has it
-        self.checkpoint = checkpoint or resolve_checkpoint(spec, revision)
-        self._safetensors = check_weights(
-            self.checkpoint.path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        self.prepared = prepared or prepare(
+            spec, revision=revision, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
         )
-        self.tokenizer = self._load_tokenizer()
+        self.checkpoint = self.prepared.checkpoint
+        self._safetensors = self.prepared.safetensors
+        self.tokenizer = self.prepared.tokenizer
+        self.max_length = self.prepared.max_length
         self.model = self._load_model()
         self.model.eval()
         self.model.config.output_hidden_states = True
-        self.max_length = self._max_length()
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -161,11 +188,6 @@ class BaseModelRunner(ABC):
 
     def _quant_bits(self, quantization: bool | int | None) -> int | None:
         return quantization_bits(self.spec, quantization)
-
-    def _load_tokenizer(self) -> Any:
-        if self._given_tokenizer is not None:
-            return self._given_tokenizer
-        return load_tokenizer(self.checkpoint.path, self.spec, trust_remote_code=self.trust_remote_code)
 
     # Weights a runner never uses, which a checkpoint may lack or carry: a bare encoder's pooler,
     # the heads of a checkpoint saved for a task. Anything else missing, unexpected or mismatched
@@ -237,9 +259,6 @@ class BaseModelRunner(ABC):
             model.to(self.device)
         return model if check else (model, info)
 
-    def _max_length(self) -> int:
-        return max_length_for(self.spec, self.tokenizer, getattr(self.model.config, "max_position_embeddings", None))
-
     # -- running ---------------------------------------------------------------------------
 
     def tokenize(self, texts: str | Sequence[str], **overrides: Any) -> Any:
@@ -267,7 +286,7 @@ class BaseModelRunner(ABC):
         if "input_ids" not in batch:
             raise ConfigError("forward() needs a batch with 'input_ids'; build it with runner.tokenize(texts)")
         inputs = self._model_inputs(batch)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._forward_scope():
             out = self.model(
                 **inputs,
                 output_hidden_states=True,
@@ -275,6 +294,10 @@ class BaseModelRunner(ABC):
                 return_dict=True,
             )
         return self._outputs(inputs, out)
+
+    def _forward_scope(self) -> contextlib.AbstractContextManager[Any]:
+        """Entered around each forward pass; a family may scope its libraries' settings to it."""
+        return contextlib.nullcontext()
 
     def _model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}

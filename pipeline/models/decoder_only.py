@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from pipeline.models.base import BaseModelRunner
@@ -23,7 +25,17 @@ class _OncePerMessage(logging.Filter):
         return first
 
 
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(_OncePerMessage())
+@contextlib.contextmanager
+def _filtered(logger: logging.Logger, log_filter: logging.Filter) -> Iterator[None]:
+    """`log_filter` on `logger` for the block only: the process's logging is left as it was."""
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
+
+
+_BNB_LOGGER = logging.getLogger("bitsandbytes.autograd._functions")
 
 
 class DecoderModelRunner(BaseModelRunner):
@@ -36,6 +48,11 @@ class DecoderModelRunner(BaseModelRunner):
 
     arch = "decoder_only"
     hidden_field = "decoder_hidden_states"
+
+    def _forward_scope(self) -> contextlib.AbstractContextManager[Any]:
+        if not hasattr(self, "_once"):
+            self._once = _OncePerMessage()  # per runner: each distinct message is shown once per model
+        return _filtered(_BNB_LOGGER, self._once)
 
     def _load_model(self) -> Any:
         from transformers import AutoModelForCausalLM

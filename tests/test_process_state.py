@@ -1,0 +1,79 @@
+"""The Python API leaves the process as it found it: gc, signal handlers, progress bars, logging, threads.
+
+A metrics job or a notebook imports actcache, extracts and reads; afterwards its process must
+be what it was. Checked in a fresh interpreter (so nothing from the test session blurs it),
+against the state the same process had before it imported actcache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.integration
+
+PROBE = r"""
+import gc, json, logging, signal, sys, threading
+import dask.array, datasets, numpy, transformers, zarr
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGXFSZ)
+LOGGERS = ("", "bitsandbytes", "bitsandbytes.autograd._functions")
+
+def snapshot():
+    return {
+        "gc": [gc.isenabled(), list(gc.get_threshold()), gc.get_freeze_count()],
+        "signals": {signal.Signals(s).name: repr(signal.getsignal(s)) for s in SIGNALS},
+        "datasets_bars": datasets.is_progress_bar_enabled(),
+        "datasets_verbosity": datasets.logging.get_verbosity(),
+        "transformers_bars": transformers.utils.logging.is_progress_bar_enabled(),
+        "transformers_verbosity": transformers.utils.logging.get_verbosity(),
+        "log_filters": {n: len(logging.getLogger(n).filters) for n in LOGGERS},
+        "log_levels": {n: logging.getLogger(n).level for n in ("", "bitsandbytes", "datasets", "transformers")},
+        # tqdm's monitor thread belongs to tqdm (datasets' bars start one and keep it): not ours.
+        "threads": sorted(t.name for t in threading.enumerate() if t.name != "tqdm_monitor"),
+    }
+
+# The libraries' own lazily started threads (zarr's I/O loop, dask's scheduler pool) exist in any
+# process that used them before; start them here, so what follows measures actcache alone.
+# zarr's loop hands file I/O to its executor, which grows to its full size under a many-chunk write.
+scratch = zarr.create_array(store=sys.argv[2] + "-scratch", shape=(256,), chunks=(1,), dtype="int8")
+scratch[:] = 1
+scratch[:]
+dask.array.ones(4, chunks=2).sum().compute()
+states = {"start": snapshot()}
+from pipeline.extract import ExtractConfig, extract
+from cache import open_activations
+import pipeline.cli, pipeline.models, cache.reader, cache.writer, cache.catalog
+states["imported"] = snapshot()
+config = ExtractConfig(model=sys.argv[1], data="sample", limit=2, shard_tokens=256, cache_dir=sys.argv[2], quiet=True)
+result = extract(config)
+states["extracted"] = snapshot()
+with open_activations(result.path) as acts:
+    acts.hidden(-1, lazy=False)
+    acts.pooled(-1).compute()
+states["read"] = snapshot()
+print(json.dumps(states))
+"""
+
+
+def test_the_python_api_leaves_the_process_as_it_found_it(tiny_dir: Any, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACTCACHE_CRASH_AT": "mid-batch"}  # only the CLI arms it
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tiny_dir("llama")), str(tmp_path / "cache")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    states = json.loads(done.stdout.strip().splitlines()[-1])
+    start = states["start"]
+    assert start["gc"][0] and start["datasets_bars"] and start["transformers_bars"], "a pristine process to compare"
+    for stage in ("imported", "extracted", "read"):
+        changed = {k: (start[k], v) for k, v in states[stage].items() if v != start[k]}
+        assert not changed, f"after {stage}: {changed}"
