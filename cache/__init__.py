@@ -13,7 +13,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cache.catalog import StoreInfo, find_store, gc, list_stores, read_manifest, remove_store, store_bytes
+    from cache.catalog import StoreInfo, find_store, list_stores, read_manifest, remove_store, store_bytes
+    from cache.cleanup import gc
     from cache.integrity import VerifyReport, verify
     from cache.keys import cache_key, canonical_json
     from cache.paths import alias_name, cache_root, store_path
@@ -31,7 +32,7 @@ _HOME = {
     "cache_root": "cache.paths",
     "canonical_json": "cache.keys",
     "find_store": "cache.catalog",
-    "gc": "cache.catalog",
+    "gc": "cache.cleanup",
     "list_stores": "cache.catalog",
     "open_activations": "cache.reader",
     "read_manifest": "cache.catalog",

@@ -17,7 +17,7 @@ from cache.catalog import committed, find_store, marker_path, read_manifest
 from cache.files import flocked, lock_path, read_json, write_json
 from cache.paths import is_local
 from cache.zattrs import set_complete, zarr_group
-from schemas import StoreCorruptError, StoreNotFoundError
+from schemas import CacheError, StoreCorruptError, StoreNotFoundError
 from schemas.arrays import ArraySpec
 from schemas.geometry import Geometry, ShardRange
 from schemas.manifest import Manifest
@@ -234,7 +234,9 @@ def _creation_manifest(path: Path) -> Manifest:
     try:
         copy = zarr_group(path).attrs[MANIFEST_ATTR]
         return Manifest.from_dict(dict(copy))  # type: ignore[arg-type]
-    except Exception as exc:  # no group, no copy, a mangled copy: nothing left to rebuild from
+    # No group (zarr's errors are ValueErrors; a missing file an OSError), no copy (KeyError), a mangled
+    # copy (TypeError, or the manifest's own errors): nothing left to rebuild from.
+    except (KeyError, TypeError, ValueError, OSError, CacheError) as exc:
         raise StoreCorruptError(
             f"the manifest of {str(path)!r} is unreadable and its creation copy is gone too ({exc}). "
             "Fix: remove the store (actcache rm) and extract again."

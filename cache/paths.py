@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+from cache.keys import hash_value, is_key
 from schemas import CacheDirError, ConfigError
 from schemas.store import ALIASES_DIR, HASHES_DIR, ROOT_DIRS, STORE_SUFFIX, STORES_DIR
 
@@ -88,7 +89,6 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 def store_path(root: Path, key: str) -> Path:
     """The directory of store `key` under `root`."""
-    from cache.keys import is_key
 
     if not is_key(key):
         raise ConfigError(f"{key!r} is not a cache key (32 lowercase hex characters)")
@@ -112,7 +112,6 @@ def alias_path(root: Path, alias: str) -> Path:
 
 def hash_memo_path(root: Path, directory: Path) -> Path:
     """Where the file digests of model `directory` are remembered under `root` (one file per directory)."""
-    from cache.keys import hash_value
 
     return root / HASHES_DIR / f"{hash_value(str(directory), length=32)}.json"
 

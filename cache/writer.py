@@ -1,4 +1,4 @@
-"""`StoreWriter`: create a store, claim shards, write them, commit their markers, finalize.
+"""`StoreWriter`: open (or create) a store, write its shards under their claims, commit their markers, finalize.
 
 Commit protocol: a shard's arrays are written first (zarr writes every chunk file
 atomically), then its chunk files are checksummed and its marker is written atomically.
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
-import uuid
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -25,25 +23,23 @@ import numpy as np
 from cache.bfloat16 import to_bits
 from cache.catalog import add_alias
 from cache.claims import held, utcnow
+from cache.creation import create_store
 from cache.faults import crash_point
-from cache.files import PARTIAL_SUFFIX, flocked, json_ready, lock_path, read_json, write_json
+from cache.files import PARTIAL_SUFFIX, flocked, lock_path, read_json, write_json
 from cache.integrity import CHECKSUM, committed, marker_path, read_marker, stored_checksums
 from cache.keys import cache_key
 from cache.lease import writer_lease
 from cache.paths import store_path
-from cache.zattrs import consolidate, create_arrays, root_attributes, set_complete, zarr_group
+from cache.zattrs import root_attributes, set_complete, zarr_group
 from schemas import LayoutMismatchError, ShardClaimedError, StoreCorruptError
 from schemas.arrays import ArraySpec, commit_array, index_arrays
 from schemas.geometry import Geometry, ShardRange
 from schemas.manifest import Manifest
 from schemas.request import ExtractionRequest
 from schemas.store import (
-    INCOMPLETE_SUFFIX,
-    MANIFEST_ATTR,
     MANIFEST_FILE,
     OFFSETS,
     SHARD_COMMITTED,
-    SHARDS_DIR,
     TOKEN_START,
     TOKEN_STOP,
     chunk_key,
@@ -118,7 +114,7 @@ class StoreWriter:
                         aliases=tuple(aliases),
                         created_at=utcnow(),
                     )
-                    cls._create(path, manifest, examples)
+                    create_store(path, manifest, examples)
                 writer = cls(path, cls._read_manifest(path))
                 if writer.manifest.geometry.n_tokens != geometry.n_tokens or (
                     writer.manifest.geometry.n_examples != geometry.n_examples
@@ -137,24 +133,6 @@ class StoreWriter:
         for alias in aliases:
             add_alias(root, alias, key)
         return writer
-
-    @staticmethod
-    def _create(path: Path, manifest: Manifest, examples: Mapping[str, Sequence[Any]] | None) -> None:
-        import zarr
-
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}{INCOMPLETE_SUFFIX}")
-        try:
-            group = zarr.open_group(tmp, mode="w", zarr_format=3)
-            create_arrays(group, manifest, examples)
-            # A second copy of what never changes after creation: verify rebuilds a lost manifest from it.
-            group.attrs[MANIFEST_ATTR] = json_ready(manifest.to_dict())
-            consolidate(tmp)
-            (tmp / SHARDS_DIR).mkdir()
-            write_json(tmp / MANIFEST_FILE, manifest.to_dict())
-            os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @staticmethod
     def _read_manifest(path: Path) -> Manifest:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import signal
 import sys
-import threading
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from cache import faults
-from pipeline.stop import RESUME_HINT, STOP_SIGNALS, StopFlag, signal_name
+from pipeline.stop import RESUME_HINT, StopFlag, Terminated, handled_signals, signal_name
 from schemas import ActcacheError, Interrupted
 
 __all__ = ["build_parser", "main"]
@@ -379,52 +377,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM outside a run: unwind like Ctrl-C (files closed, claims released), exit 143."""
-
-
-@contextlib.contextmanager
-def _process_signals(flag: StopFlag) -> Iterator[None]:
-    """The CLI's signal set-up, undone on exit.
-
-    Ctrl-C and SIGTERM (what SLURM, Kubernetes and systemd send before a kill) set `flag`
-    while a run listens, so it stops after the batch in hand; outside a run they unwind like
-    Ctrl-C; a second one acts as if we were absent. A file-size limit fails the write (SIGXFSZ
-    ignored) instead of killing the process.
-    """
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    previous: dict[int, Any] = {}
-
-    def on_stop(signum: int, frame: Any) -> None:
-        if flag.stop:  # the second signal
-            handler = previous[signum]
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set from C
-            signal.raise_signal(signum)
-        elif flag.listening:
-            flag.request(signum)
-        else:
-            flag.request(signum)
-            raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-
-    handlers: dict[int, Any] = dict.fromkeys(STOP_SIGNALS, on_stop)
-    if hasattr(signal, "SIGXFSZ"):  # without this the kernel kills the process instead of failing the write
-        handlers[signal.SIGXFSZ] = signal.SIG_IGN
-    previous.update({signum: signal.signal(signum, handler) for signum, handler in handlers.items()})
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-
-
 def _explain(exc: BaseException) -> tuple[str, int]:
     """One line for an error that reached the top, and the exit status it gets."""
     if isinstance(exc, Interrupted):
         return f"actcache: {exc}", 128 + exc.signum
     if isinstance(exc, KeyboardInterrupt):
-        signum = signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
         return f"actcache: stopped by {signal_name(signum)}; committed shards are kept, {RESUME_HINT}", 128 + signum
     if isinstance(exc, ActcacheError):
         return f"actcache: error: {exc}", 2
@@ -452,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.stop = StopFlag()
     faults.arm_from_environment()
     try:
-        with _process_signals(args.stop):
+        with handled_signals(args.stop):
             return int(args.func(args))
     except BrokenPipeError:  # `actcache ls | head`: the reader left, which is no error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from cache.keys import hash_value
-from pipeline.datasets import Examples, quiet_datasets
+from pipeline.dataset_tables import quiet_datasets
+from pipeline.datasets import Examples
 
 __all__ = ["Tokenized", "tokenize_examples", "tokenizer_hash"]
 

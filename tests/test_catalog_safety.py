@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from cache.catalog import GcResult, gc, list_stores, remove_store
+from cache.catalog import list_stores, remove_store
+from cache.cleanup import GcResult, gc
 from cache.files import flocked, lock_path
 from cache.lease import exclusive_lease, writer_lease, writers_path
 from schemas import ConfigError, StoreInUseError

@@ -134,7 +134,7 @@ def _download(repo_id: str, revision: str | None, cache: Path) -> str:
         if any(f.endswith(".safetensors") for f in files):
             ignore = [*PICKLE_WEIGHTS, "*.h5", "*.msgpack", "*.onnx", "onnx/*", "openvino/*"]
         return snapshot_download(repo_id, revision=revision, cache_dir=cache, ignore_patterns=ignore)
-    except Exception as exc:  # network, auth, missing repo: one clear message, the cause chained
+    except (OSError, ValueError) as exc:  # the Hub's errors (HfHubHTTPError is an OSError), the network, the disk
         raise ModelNotAvailableError(
             f"could not download model {repo_id!r} into {str(cache)!r}: {exc}. Fix: check the id "
             "and your network or token, or pass the path of a local model directory."
