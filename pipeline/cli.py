@@ -214,6 +214,21 @@ def _add_extract(commands: Any) -> None:
     )
     how.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own Python code to run")
     how.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights; unpickling runs code")
+    how.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run the shards on a local Dask cluster of N worker processes, started and closed by this command "
+        "(the cores split between them; on a CUDA machine worker i takes cuda:i, so pass N = the GPU count). "
+        "Each worker loads the model once and writes its shards straight to the store",
+    )
+    how.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run the shards on the running Dask cluster at ADDRESS (tcp://host:8786: a dask scheduler, "
+        "dask-jobqueue's SLURMCluster, dask-cuda's LocalCUDACluster), left running; the cache root must be a "
+        "path every worker sees (a shared filesystem)",
+    )
     p.set_defaults(func=_cmd_extract)
 
 

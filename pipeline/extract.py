@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import platform
@@ -66,12 +67,18 @@ class ExtractConfig:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     max_full_logits_gb: float = DEFAULT_MAX_FULL_LOGITS_GB
+    workers: int | None = None  # start a local Dask cluster of this many worker processes
+    scheduler: str | None = None  # or attach to a running Dask scheduler at this address
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.shard_tokens < 1:
             raise ConfigError(f"--shard-tokens must be at least 1, got {self.shard_tokens}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+        if self.workers is not None and self.scheduler:
+            raise ConfigError("--workers starts a local cluster and --scheduler attaches to one: pass one of them")
 
 
 def _check_summary_path(summary_json: str | None) -> None:
@@ -102,12 +109,15 @@ def extract(
     *,
     stop: StopFlag | None = None,
     hooks: RunHooks | None = None,
+    client: Any = None,
 ) -> ExtractResult:
     """Run (or resume, or find in the cache) one extraction; the store's path is printed last.
 
     `stop` lets a host stop the run gracefully after the batch in hand (the CLI sets it on
     Ctrl-C and SIGTERM); `hooks` let it tune its process around the run (`pipeline.tuning`).
     Neither is needed from Python: a KeyboardInterrupt there keeps every committed shard.
+    `client` (a `distributed.Client`), like `cfg.workers` or `cfg.scheduler`, runs the shards
+    as tasks on a Dask cluster (`pipeline.distributed`); the client is the caller's, left open.
     """
     out = out or sys.stdout
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=out, flush=True))
@@ -115,6 +125,11 @@ def extract(
     stages = _Stages()
     coerce_device(cfg.device)  # a device this machine lacks is an error even when the store is cached
     _check_summary_path(cfg.summary_json)  # before the run, not after the store is complete
+    distributed = client is not None or cfg.workers is not None or bool(cfg.scheduler)
+    if distributed:
+        from pipeline import distributed as dist
+
+        dist.require_posix_root(cache_root(cfg.cache_dir))
     root = ensure_writable(cache_root(cfg.cache_dir))
     dataset = resolve_dataset(
         cfg.data,
@@ -177,45 +192,70 @@ def extract(
     if estimate := check_full_logits(outputs, geometry.n_tokens, resolved.vocab_size, cfg.max_full_logits_gb):
         say(estimate)
 
-    from pipeline.models import load_model
+    with contextlib.ExitStack() as scope:
+        if distributed:
+            cluster = scope.enter_context(
+                dist.connect(workers=cfg.workers, scheduler=cfg.scheduler, client=client, say=say)
+            )
+            worker_model = dist.WorkerModel(
+                spec=resolved.spec.to_dict(),
+                checkpoint=resolved.prepared.checkpoint,
+                identity=dict(resolved.request.model),
+                memo_dir=str(root),
+                device=cfg.device,
+                dtype=resolved.dtype,
+                quantization=cfg.quantization,
+                trust_remote_code=cfg.trust_remote_code,
+                allow_pickle=cfg.allow_pickle,
+                gpu_per_worker=dist.gpu_per_worker(cfg.workers, cfg.device),
+            )
+            facts = dist.describe_model(cluster, worker_model)
+            has_logits, device, runner = facts["has_lm_head"], facts["device"], None
+            cluster_facts = {
+                "workers": cfg.workers or facts["workers"],
+                "scheduler": cfg.scheduler or facts["scheduler"],
+            }
+        else:
+            from pipeline.models import load_model
 
-    runner = load_model(
-        resolved.spec,
-        device=cfg.device,
-        dtype=resolved.dtype,
-        revision=cfg.revision,
-        quantization=cfg.quantization,
-        trust_remote_code=cfg.trust_remote_code,
-        allow_pickle=cfg.allow_pickle,
-        prepared=resolved.prepared,
-    )
-    stages.lap("load model")
-    stacks = STACKS_BY_ARCH[resolved.spec.arch]
-    poolings = {stack: outputs.poolings(stack) for stack in stacks}
-    has_logits = getattr(runner, "has_lm_head", True)
-    logits_mode = outputs.logits if has_logits else "none"
-    arrays = build_arrays(
-        stacks={s: resolved.hidden_size for s in stacks},
-        n_layers=len(resolved.layers),
-        store_dtype=outputs.store_dtype,
-        poolings=poolings,
-        token_level=outputs.token_level,
-        logits=logits_mode,
-        vocab=resolved.vocab_size,
-    )
-    writer = StoreWriter.open_or_create(
-        root,
-        resolved.request,
-        geometry=geometry,
-        arrays=arrays,
-        layers=resolved.layers,
-        n_states=resolved.n_states,
-        stacks=stacks,
-        examples=resolved.examples.metadata,
-        aliases=(alias,),
-        provenance=_provenance(cfg, runner, resolved),
-    )
-    try:
+            runner = load_model(
+                resolved.spec,
+                device=cfg.device,
+                dtype=resolved.dtype,
+                revision=cfg.revision,
+                quantization=cfg.quantization,
+                trust_remote_code=cfg.trust_remote_code,
+                allow_pickle=cfg.allow_pickle,
+                prepared=resolved.prepared,
+            )
+            has_logits, device = getattr(runner, "has_lm_head", True), str(runner.device)
+            cluster_facts = {"workers": None, "scheduler": None}
+        stages.lap("load model")
+        stacks = STACKS_BY_ARCH[resolved.spec.arch]
+        poolings = {stack: outputs.poolings(stack) for stack in stacks}
+        logits_mode = outputs.logits if has_logits else "none"
+        arrays = build_arrays(
+            stacks={s: resolved.hidden_size for s in stacks},
+            n_layers=len(resolved.layers),
+            store_dtype=outputs.store_dtype,
+            poolings=poolings,
+            token_level=outputs.token_level,
+            logits=logits_mode,
+            vocab=resolved.vocab_size,
+        )
+        writer = StoreWriter.open_or_create(
+            root,
+            resolved.request,
+            geometry=geometry,
+            arrays=arrays,
+            layers=resolved.layers,
+            n_states=resolved.n_states,
+            stacks=stacks,
+            examples=resolved.examples.metadata,
+            aliases=(alias,),
+            provenance=_provenance(cfg, device, resolved) | cluster_facts,
+        )
+        scope.callback(writer.close)  # the writer lease, until the run is done: the store may be removed again
         pending = writer.pending_shards()
         done = len(writer.geometry.shards) - len(pending)
         if done:
@@ -237,9 +277,27 @@ def extract(
         stages.lap("open store")
         total = sum(s.n_tokens for s in pending)
         with tqdm(total=total, unit="tok", unit_scale=True, disable=cfg.quiet, file=sys.stderr, desc="extract") as bar:
-            stats = run_shards(
-                runner, tokenized, writer, reducer, batch_size=cfg.batch_size, progress=bar, stop=stop, hooks=hooks
-            )
+            if runner is None:
+                job = dist.ShardJob(
+                    model=worker_model,
+                    store=str(writer.path),
+                    tokenized=_arrow_file(tokenized),
+                    reducer=reducer,
+                    batch_size=cfg.batch_size,
+                    torch_threads=dist.local_torch_threads(cfg.workers),
+                )
+                (hooks or RunHooks()).run_started()
+                try:
+                    stats = dist.run_on_cluster(
+                        cluster, job, pending, store_key=writer.key, total_shards=len(writer.geometry.shards),
+                        progress=bar, stop=stop,
+                    )  # fmt: skip
+                finally:
+                    (hooks or RunHooks()).run_ended()
+            else:
+                stats = run_shards(
+                    runner, tokenized, writer, reducer, batch_size=cfg.batch_size, progress=bar, stop=stop, hooks=hooks
+                )
         stages.lap("run")
         elapsed = time.perf_counter() - started
         manifest = writer.finalize(
@@ -250,8 +308,6 @@ def extract(
                 ),
             }
         )
-    finally:
-        writer.close()  # the writer lease: the store may be removed again
     _warn_nonfinite(manifest, say)
     summary = _summary(manifest, writer.path, elapsed, stats.tokens)
     summary["padding_share"] = 1 - stats.tokens / stats.computed_positions if stats.computed_positions else 0.0
@@ -276,7 +332,15 @@ class _Stages:
         self._last = now
 
 
-def _provenance(cfg: ExtractConfig, runner: Any, resolved: Resolved) -> dict[str, Any]:
+def _arrow_file(tokenized: Any) -> str:
+    """The Arrow file `tokenize_examples` saved under <root>/tokenized/: all a worker needs of the data."""
+    files = tokenized.dataset.cache_files
+    if not files:
+        raise ConfigError("the tokenized dataset has no file under the cache root for workers to read; rerun")
+    return str(files[0]["filename"])
+
+
+def _provenance(cfg: ExtractConfig, device: str, resolved: Resolved) -> dict[str, Any]:
     import datasets
     import torch
     import transformers
@@ -285,7 +349,7 @@ def _provenance(cfg: ExtractConfig, runner: Any, resolved: Resolved) -> dict[str
     return {
         "batch_size": cfg.batch_size,
         "shard_tokens": cfg.shard_tokens,
-        "device": str(runner.device),
+        "device": device,
         "model_source": resolved.prepared.checkpoint.source,
         "model_path": str(resolved.prepared.checkpoint.path),
         "host": socket.gethostname(),

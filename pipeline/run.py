@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from schemas import Interrupted
 from schemas.arrays import ArraySpec
 from schemas.geometry import ShardRange
 
-__all__ = ["RunHooks", "RunStats", "run_shards"]
+__all__ = ["RunHooks", "RunStats", "ShardWork", "run_shard", "run_shards"]
 
 _WAIT_SECONDS = 0.2
 
@@ -97,18 +97,18 @@ def run_shards(
             for shard, claim in writer.claim_pending(wait=wait):
                 buffers, views = pool.take(shard)
                 try:
-                    shard_stats = _compute_shard(
-                        runner, tokenized, writer.manifest.arrays, reducer, shard, views, batch_size, progress, flag,
-                        stats,
+                    work = run_shard(
+                        runner, tokenized, writer.manifest.arrays, reducer, shard, views,
+                        batch_size=batch_size, progress=progress, flag=flag, stats=stats,
                     )  # fmt: skip
                 except BaseException:
                     claim.close()
                     raise
-                if shard_stats is None:  # stopped mid-shard: drop it, keep what is committed
+                if work is None:  # stopped mid-shard: drop it, keep what is committed
                     claim.close()
                     break
-                lengths = tokenized.lengths[shard.ex_start : shard.ex_stop]
-                background.put((claim, shard, views, lengths, shard_stats))  # waits for the previous write
+                background.put((claim, *work))  # waits for the previous write
+                del work
                 del views
                 if writing is not None:
                     pool.give_back(writing)
@@ -131,19 +131,34 @@ def run_shards(
     return stats
 
 
-def _compute_shard(
+class ShardWork(NamedTuple):
+    """A computed shard: exactly the arguments of `StoreWriter.write_shard`, which commits it."""
+
+    shard: ShardRange
+    arrays: dict[str, np.ndarray]
+    lengths: Any  # np.ndarray of each example's token count (write_shard takes it as a Sequence[int])
+    stats: dict[str, Any]
+
+
+def run_shard(
     runner: Any,
     tokenized: Tokenized,
     arrays: tuple[ArraySpec, ...],
     reducer: Reducer,
     shard: ShardRange,
     buffers: dict[str, np.ndarray],
+    *,
     batch_size: int,
     progress: Any,
     flag: StopFlag,
     stats: RunStats,
-) -> dict[str, Any] | None:
-    """Fill `buffers` with `shard`'s results in dataset order; its stats, or None if stopped."""
+) -> ShardWork | None:
+    """Fill `buffers` with `shard`'s results in dataset order: what to write, or None if stopped.
+
+    The one shard function: the local loop (`run_shards`) and a Dask worker's task
+    (`pipeline.distributed`) both call it and hand its result to `StoreWriter.write_shard`.
+    `progress` is a tqdm-like bar (`update`, `set_postfix_str`); `stats` is added to.
+    """
     lengths = tokenized.lengths[shard.ex_start : shard.ex_stop]
     starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]  # token offset of each example in the shard
     columns = tokenized.flat(shard.ex_start, shard.ex_stop)
@@ -166,7 +181,7 @@ def _compute_shard(
         crash_point("mid-batch")
         if flag.stop and begin + batch_size < len(order):  # a shard whose last batch is done is committed
             return None
-    return {"nonfinite": nonfinite}
+    return ShardWork(shard, buffers, lengths, {"nonfinite": nonfinite})
 
 
 def _collate(

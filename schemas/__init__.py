@@ -25,6 +25,7 @@ from schemas.errors import (
     UnknownModelError,
     UnsafeCheckpointError,
     UnsafePathError,
+    WorkerError,
 )
 from schemas.model import ARCHS, ModelOutputs, ModelSpec, parse_arch, parse_dtype_name
 from schemas.request import ExtractionRequest, OutputSpec
@@ -59,6 +60,7 @@ __all__ = [
     "UnknownModelError",
     "UnsafeCheckpointError",
     "UnsafePathError",
+    "WorkerError",
     "parse_arch",
     "parse_dtype_name",
 ]

@@ -8,6 +8,7 @@
     │   └── DatasetIOError (OSError)              disk full, file-size limit or permission denied reading a
     │                                             dataset or writing its Arrow copy (`errno` is the cause's)
     ├── Interrupted                               a run stopped by Ctrl-C or SIGTERM; committed shards kept
+    ├── WorkerError                               a Dask worker could not run a shard (model load, death); names it
     ├── ModelError
     │   ├── UnknownModelError (LookupError)       not a registry key nor a model directory
     │   ├── ModelNotAvailableError (FileNotFoundError)
@@ -59,6 +60,7 @@ __all__ = [
     "UnknownModelError",
     "UnsafeCheckpointError",
     "UnsafePathError",
+    "WorkerError",
 ]
 
 
@@ -76,6 +78,10 @@ class Interrupted(ActcacheError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+class WorkerError(ActcacheError):
+    """A Dask worker could not run a shard (the model did not load, the worker died); committed shards are kept."""
 
 
 class DatasetError(ActcacheError):

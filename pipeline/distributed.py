@@ -1,0 +1,494 @@
+"""Running an extraction's shards as tasks on a Dask distributed cluster (`--workers N`, `--scheduler ADDRESS`).
+
+The client (`pipeline.extract`) resolves, tokenizes, plans and holds the store's writer lease
+as in a local run; here each pending shard becomes one task. A worker loads the model once
+and keeps it for every shard it runs (a per-process cache), claims the shard (the same flock
+as a local run: a dead worker's claim is freed by the kernel), computes it with
+`pipeline.run.run_shard`, the local run's own shard function, writes and commits it straight
+to the store and returns only its counts: activations never pass through the scheduler.
+
+A task's exception is not retried (a model that does not load fails the same way again): it
+is one `WorkerError` on the client naming the worker, and the other tasks are cancelled. A
+worker that dies mid-shard (SIGKILL, out of memory) is the scheduler's to handle: it runs the
+shard again elsewhere, up to `distributed.scheduler.allowed-failures` times.
+
+Cache roots on a local or shared POSIX disk only (shard claims are flocks); object stores
+are refused (`require_posix_root`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cache.catalog import read_manifest
+from cache.integrity import marker_path
+from cache.lease import writer_lease
+from cache.paths import is_local
+from cache.writer import StoreWriter
+from pipeline.models.hub import ResolvedCheckpoint
+from pipeline.reduce import Reducer
+from pipeline.run import RunStats, run_shard
+from pipeline.stop import RESUME_HINT, StopFlag, signal_name
+from schemas import ConfigError, ModelSpec, StoreNotFoundError, WorkerError
+from schemas.geometry import ShardRange
+
+__all__ = [
+    "ShardJob",
+    "WorkerModel",
+    "connect",
+    "describe_model",
+    "gpu_per_worker",
+    "local_torch_threads",
+    "release_worker_state",
+    "require_posix_root",
+    "run_on_cluster",
+    "shard_task",
+]
+
+_CONNECT_SECONDS = 30  # to reach a --scheduler, and for a --workers cluster to start
+_POLL_SECONDS = 0.1  # how often the client looks at a stop request while shards run
+_CLAIM_WAIT_SECONDS = 0.2  # a shard another live process holds: look again after this
+
+
+@dataclass(frozen=True)
+class WorkerModel:
+    """What a worker needs to load the model the client resolved: paths and options, never weights.
+
+    `checkpoint` is the client's resolved directory (a shared path); `identity` the cache
+    key's view of it, checked on the worker so a different file at that path is refused.
+    """
+
+    spec: dict[str, Any]  # ModelSpec.to_dict(): a spec's mapping proxy does not pickle
+    checkpoint: ResolvedCheckpoint
+    identity: dict[str, Any]
+    memo_dir: str  # the cache root, where weight-file digests are remembered
+    device: str | None
+    dtype: str
+    quantization: bool | int | None
+    trust_remote_code: bool
+    allow_pickle: bool
+    gpu_per_worker: bool = False  # a --workers cluster on a CUDA machine: worker i takes cuda:i
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a shard task needs besides its index: a few hundred bytes on the wire."""
+
+    model: WorkerModel
+    store: str
+    tokenized: str  # the tokenized dataset's Arrow file under <root>/tokenized/
+    reducer: Reducer
+    batch_size: int
+    torch_threads: int | None  # None: the worker's own thread count
+
+
+def require_posix_root(root: Path) -> None:
+    """`ConfigError` for a URL cache root: distributed runs claim shards with flock, which object stores lack."""
+    if not is_local(root):
+        raise ConfigError(
+            f"--workers/--scheduler cannot write to {str(root)!r}: shard claims and the writer lease are flocks, "
+            "which object stores do not have, and their commit protocol (lease objects with conditional puts) "
+            "is not implemented yet. Fix: pass --cache-dir on a local or shared POSIX filesystem (NFS, Lustre)."
+        )
+
+
+# -- the client side -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def connect(*, workers: int | None, scheduler: str | None, client: Any, say: Callable[..., None]) -> Iterator[Any]:
+    """A `distributed.Client`: the caller's, one attached to `scheduler`, or one on a new local cluster.
+
+    A cluster started here (`workers` processes, one task thread each, the cores split
+    between them as torch threads) is closed on exit; an attached one is left running.
+    """
+    if client is not None:
+        with _releasing(client):
+            yield client
+        return
+
+    import logging
+
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise ConfigError(
+            "--workers/--scheduler run on Dask's distributed scheduler, which is not installed. "
+            "Fix: pip install 'actcache[distributed]'."
+        ) from None
+
+    if scheduler:
+        try:
+            attached = Client(scheduler, timeout=_CONNECT_SECONDS, set_as_default=False)
+        except OSError as exc:
+            raise ConfigError(
+                f"could not reach the Dask scheduler at {scheduler!r} within {_CONNECT_SECONDS} s ({exc}). "
+                "Fix: start it (dask scheduler, or your cluster's own launcher) and pass the address it prints."
+            ) from None
+        with attached, _releasing(attached):  # closing a client leaves its cluster running
+            say(f"dask: attached to {scheduler}, dashboard {attached.dashboard_link}")
+            yield attached
+        return
+    if workers is None or workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,  # one shard at a time per worker: its cores go to torch (ShardJob.torch_threads)
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )
+    with cluster, Client(cluster, set_as_default=False, timeout=_CONNECT_SECONDS) as local:
+        say(f"dask: {workers} local worker processes, dashboard {local.dashboard_link}")
+        yield local
+
+
+@contextlib.contextmanager
+def _releasing(client: Any) -> Iterator[None]:
+    """On exit, the workers of a cluster we did not start let go of the model and buffers they hold."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a worker gone or a client closing: nothing to release there
+            client.run(release_worker_state, on_error="ignore")
+
+
+def gpu_per_worker(workers: int | None, device: str | None) -> bool:
+    """Whether the workers of a `--workers` cluster each take a GPU of their own (CUDA here, no device named)."""
+    import torch
+
+    return workers is not None and device in (None, "auto", "cuda") and torch.cuda.is_available()
+
+
+def local_torch_threads(workers: int | None) -> int | None:
+    """Torch threads per worker of a `--workers` cluster: this machine's cores split between them."""
+    return max(1, (os.cpu_count() or 1) // workers) if workers else None
+
+
+def describe_model(client: Any, model: WorkerModel) -> dict[str, Any]:
+    """Load the model on every worker at once (warming them); what the first to finish says of it.
+
+    The client never loads the model: whether the checkpoint has an LM head (and so which
+    arrays the store has) is the workers' answer. A worker that cannot load it is a
+    `WorkerError` here, before any shard is submitted.
+    """
+    from distributed import as_completed
+
+    addresses = list(client.scheduler_info(n_workers=-1).get("workers", {})) or [None]
+    futures = [
+        client.submit(_describe_task, model, key=f"actcache-load-model-{i}", workers=[a] if a else None, pure=False)
+        for i, a in enumerate(addresses)
+    ]
+    try:
+        first = next(iter(as_completed(futures, loop=client.loop)))
+        try:
+            facts = dict(_result(first))
+            return facts | {
+                "workers": len(futures) if addresses != [None] else 0,
+                "scheduler": client.scheduler.address,
+            }
+        except WorkerError as exc:
+            raise WorkerError(
+                f"{exc} No shard was submitted; committed shards are kept. Fix the cause and rerun."
+            ) from exc
+    finally:
+        client.cancel(futures)  # the slower loads go on warming their workers: cancel only frees the keys
+
+
+def run_on_cluster(
+    client: Any,
+    job: ShardJob,
+    pending: list[ShardRange],
+    *,
+    store_key: str,
+    total_shards: int,
+    progress: Any,
+    stop: StopFlag | None = None,
+) -> RunStats:
+    """Submit one task per pending shard and wait for all; the counts they return, summed.
+
+    Once `stop` is set (Ctrl-C, SIGTERM), the tasks not yet done are cancelled and
+    `Interrupted` is raised: what the workers committed is kept, nothing partial is.
+    """
+    from distributed import as_completed
+
+    stats = RunStats()
+    started = time.perf_counter()
+    flag = stop or StopFlag()
+    run = uuid.uuid4().hex[:8]  # a key of an earlier run (a failed task the scheduler still holds) is never reused
+    futures = [
+        client.submit(shard_task, job, s.index, key=f"actcache-{store_key}-shard-{s.index}-{run}", pure=False)
+        for s in pending
+    ]
+    done = total_shards - len(pending)
+    try:
+        results = as_completed(futures, loop=client.loop)
+        with flag.listen():
+            while not results.is_empty():
+                batch = results.next_batch(block=False)
+                if not batch:
+                    if flag.stop:
+                        break
+                    time.sleep(_POLL_SECONDS)
+                    continue
+                for future in batch:
+                    try:
+                        counts = _result(future)
+                    except WorkerError as exc:
+                        raise WorkerError(
+                            f"{exc} The other shards were cancelled; {done} of {total_shards} shards are committed "
+                            "and kept. Fix the cause and rerun the same command to continue."
+                        ) from exc
+                    done += 1
+                    stats.shards_written += 0 if counts["skipped"] else 1
+                    for name in ("tokens", "examples", "computed_positions"):
+                        setattr(stats, name, getattr(stats, name) + counts[name])
+                    stats.write_seconds += counts["write_seconds"]
+                    alive = client.scheduler_info(n_workers=0).get("n_workers", "?")
+                    progress.set_postfix_str(f"shards {done}/{total_shards}, workers {alive}", refresh=False)
+                    progress.update(counts["tokens"])
+    finally:
+        client.cancel(futures)  # those still running, and the scheduler's memory of the others
+        stats.seconds = time.perf_counter() - started
+    if flag.signum is not None:
+        from schemas import Interrupted
+
+        raise Interrupted(
+            f"stopped by {signal_name(flag.signum)}; the shards not yet started were cancelled (one running finishes "
+            f"or is dropped whole), at least {done} of {total_shards} shards are committed; " + RESUME_HINT,
+            flag.signum,
+        )
+    return stats
+
+
+def _result(future: Any) -> Mapping[str, Any]:
+    """A finished task's result; a worker's death `allowed-failures` times over is a `WorkerError` too."""
+    from distributed import KilledWorker
+
+    try:
+        return dict(future.result())
+    except KilledWorker as exc:
+        raise WorkerError(
+            f"the worker running task {future.key!r} died each time it ran it (last: {exc.last_worker.address}; "
+            "killed, out of memory?). Fix: give workers more memory (or a smaller --batch-size/--shard-tokens)."
+        ) from None
+
+
+# -- the worker side -------------------------------------------------------------------------
+
+
+class _WorkerState:
+    """What a worker process keeps between tasks: one model, one tokenized dataset, one buffer pool.
+
+    A different model (another extract on the same cluster) replaces the one held. The lock
+    runs one shard at a time per worker process, whatever its thread count: one model, one
+    set of buffers, and the worker's cores for torch.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.model: tuple[WorkerModel, Any] | None = None
+        self.tokenized: tuple[str, Any] | None = None
+        self.pools: tuple[str, Any] | None = None
+
+
+_state = _WorkerState()
+
+
+def _describe_task(model: WorkerModel) -> dict[str, Any]:
+    with _state.lock, _as_worker_error("could not load the model"):
+        started = time.perf_counter()
+        runner = _runner(model)
+        return {
+            "has_lm_head": getattr(runner, "has_lm_head", True),
+            "device": str(runner.device),
+            "worker": _worker_name(),
+            "seconds": time.perf_counter() - started,
+        }
+
+
+def shard_task(job: ShardJob, index: int) -> dict[str, Any]:
+    """Run shard `index` on this worker: load (or reuse) the model, claim, compute, write, commit; its counts."""
+    with _state.lock, _as_worker_error(f"could not run shard {index}"):
+        started = time.perf_counter()
+        runner = _runner(job.model)
+        tokenized = _tokenized(job.tokenized)
+        with _open_store(Path(job.store)) as writer:
+            shard = writer.geometry.shards[index]
+            while (claim := writer.try_claim(shard)) is None:
+                if marker_path(writer.path, index).is_file():  # a first attempt (or another run) committed it
+                    return _counts(index, RunStats(), 0.0, started, skipped=True)
+                time.sleep(_CLAIM_WAIT_SECONDS)  # held by another live process: it commits, or dies and frees it
+            with claim:
+                pool = _pool(writer)
+                buffers, views = pool.take(shard)
+                stats = RunStats()
+                with _torch_threads(job.torch_threads):
+                    work = run_shard(
+                        runner, tokenized, writer.manifest.arrays, job.reducer, shard, views,
+                        batch_size=job.batch_size, progress=_NoBar(), flag=StopFlag(), stats=stats,
+                    )  # fmt: skip
+                assert work is not None  # nothing sets this flag
+                write_started = time.perf_counter()
+                writer.write_shard(*work)
+                del work, views
+                pool.give_back(buffers)
+        return _counts(index, stats, time.perf_counter() - write_started, started, skipped=False)
+
+
+def _counts(index: int, stats: RunStats, write_seconds: float, started: float, *, skipped: bool) -> dict[str, Any]:
+    return {
+        "index": index,
+        "skipped": skipped,
+        "tokens": stats.tokens,
+        "examples": stats.examples,
+        "computed_positions": stats.computed_positions,
+        "write_seconds": write_seconds,
+        "seconds": time.perf_counter() - started,
+        "worker": _worker_name(),
+    }
+
+
+def release_worker_state() -> None:
+    """Drop the model, data and buffers this worker holds (the client calls it on an attached cluster's workers)."""
+    with _state.lock:
+        _state.model = _state.tokenized = _state.pools = None
+
+
+@contextlib.contextmanager
+def _as_worker_error(doing: str) -> Iterator[None]:
+    """Any error of a task as one `WorkerError` naming this worker and the cause (it crosses to the client)."""
+    try:
+        yield
+    except WorkerError:
+        raise
+    except Exception as exc:
+        cause = " ".join(str(exc).split()) or "no message"
+        raise WorkerError(f"worker {_worker_name()} {doing}: {type(exc).__name__}: {cause}") from None
+
+
+def _worker_name() -> str:
+    import socket
+
+    try:
+        from distributed import get_worker
+
+        address = get_worker().address
+    except ValueError:  # not in a worker (called directly, as in a test)
+        address = "in-process"
+    return f"{address} (pid {os.getpid()} on {socket.gethostname()})"
+
+
+def _runner(model: WorkerModel) -> Any:
+    """The worker's runner for `model`: loaded on first use, then kept."""
+    if _state.model is not None and _state.model[0] == model:
+        return _state.model[1]
+    _state.model = None  # let the previous model go before loading the next
+    from pipeline.models import load_model
+    from pipeline.models.base import prepare
+
+    spec = ModelSpec.from_dict(model.spec)
+    # Load from the client's resolved directory, not by resolving the name again on this machine.
+    local = dataclasses.replace(spec, hf_id=str(model.checkpoint.path), revision=None, package=None)
+    prepared = prepare(local, trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle)
+    identity = model.checkpoint.identity(memo_dir=Path(model.memo_dir))
+    if identity != {k: model.identity.get(k) for k in identity}:
+        raise WorkerError(
+            f"the checkpoint at {str(model.checkpoint.path)!r} on worker {_worker_name()} is not the one the client "
+            f"resolved ({identity} here, {model.identity} there): its files changed since, or this node has "
+            "another copy. Fix: give every node the same files and rerun."
+        )
+    device = model.device
+    if model.gpu_per_worker:  # untested here (no GPU): worker i of a --workers cluster takes cuda:i
+        import torch
+        from distributed import get_worker
+
+        device = f"cuda:{int(get_worker().name) % torch.cuda.device_count()}"
+    runner = load_model(
+        spec,
+        device=device,
+        dtype=model.dtype,
+        quantization=model.quantization,
+        trust_remote_code=model.trust_remote_code,
+        allow_pickle=model.allow_pickle,
+        prepared=prepared,
+    )
+    _state.model = (model, runner)
+    return runner
+
+
+def _tokenized(path: str) -> Any:
+    """The tokenized dataset the client saved (memory-mapped Arrow), with its lengths; kept for the next shard."""
+    if _state.tokenized is not None and _state.tokenized[0] == path:
+        return _state.tokenized[1]
+    import datasets
+
+    from pipeline.tokenize import Tokenized
+
+    dataset = datasets.Dataset.from_file(path)
+    lengths = dataset.with_format("arrow")[:].column("length").to_numpy().astype("int64")
+    # max_length and the truncation count are the client's business: a shard needs ids and lengths.
+    tokenized = Tokenized(dataset, lengths, max_length=0, n_truncated=0)
+    _state.tokenized = (path, tokenized)
+    return tokenized
+
+
+def _pool(writer: StoreWriter) -> Any:
+    """This worker's buffers for `writer`'s store, reused from shard to shard (no page faults of fresh memory)."""
+    if _state.pools is None or _state.pools[0] != writer.key:
+        from pipeline.buffers import BufferPool
+
+        _state.pools = (writer.key, BufferPool(writer.manifest.arrays, []))
+    return _state.pools[1]
+
+
+@contextlib.contextmanager
+def _open_store(path: Path) -> Iterator[StoreWriter]:
+    """The client's store, opened to write shards under this worker's own (shared) writer lease."""
+    with writer_lease(path):
+        if not path.is_dir():
+            raise StoreNotFoundError(
+                f"store {str(path)!r} is gone (removed while its shards ran). "
+                "Fix: rerun the extract to create it again."
+            )
+        yield StoreWriter(path, read_manifest(path))
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Torch's intra-op threads for one shard (the worker's cores), as they were afterwards.
+
+    Dask starts worker processes with OMP_NUM_THREADS=1, so torch would use one core.
+    """
+    import torch
+
+    if n is None:
+        from distributed import get_worker
+
+        with contextlib.suppress(ValueError):
+            n = get_worker().state.nthreads
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _NoBar:
+    """A progress bar that shows nothing: a worker's shard is counted on the client when it returns."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        pass
