@@ -19,6 +19,7 @@ __all__ = [
     "atomic_write_bytes",
     "flocked",
     "json_ready",
+    "lock_fd",
     "lock_path",
     "read_json",
     "try_flock",
@@ -76,27 +77,35 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return value
 
 
-def try_flock(path: Path) -> int | None:
-    """Open `path` and take an exclusive advisory lock without waiting; the fd, or None if held.
+def lock_fd(path: Path, *, shared: bool = False, wait: bool = True) -> int | None:
+    """Open `path` and take an advisory lock (shared or exclusive); the fd, or None if held and not `wait`.
 
     The kernel drops the lock when its holder dies, even by SIGKILL, so a dead writer's
-    lock never needs breaking. A lock file unlinked after we opened it is stale: retry on
-    the file that is there now.
+    lock never needs breaking. A lock file unlinked after we opened it (a store removed
+    meanwhile) is stale: retry on the file that is there now.
     """
+    kind = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, kind)
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except BlockingIOError:
             os.close(fd)
             return None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
+        except FileNotFoundError:  # unlinked after we opened it
             same = False
+        except BaseException:  # Ctrl-C while waiting: never leak the fd
+            os.close(fd)
+            raise
         if same:
             return fd
         os.close(fd)
+
+
+def try_flock(path: Path) -> int | None:
+    """An exclusive lock on `path` without waiting (see `lock_fd`); the fd, or None if held."""
+    return lock_fd(path, wait=False)
 
 
 def lock_path(path: Path) -> Path:
@@ -106,10 +115,10 @@ def lock_path(path: Path) -> Path:
 
 @contextlib.contextmanager
 def flocked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` for the block, waiting for it if need be."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold an exclusive lock on `path` for the block, waiting for it if need be (see `lock_fd`)."""
+    fd = lock_fd(path)
+    assert fd is not None  # a waiting lock is always won
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

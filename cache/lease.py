@@ -16,7 +16,6 @@ not reach object stores.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 import threading
@@ -25,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from cache.claims import parse_holder
-from cache.files import try_flock
+from cache.files import lock_fd, try_flock
 from schemas import StoreInUseError
 from schemas.store import CLAIM_SUFFIX, SHARDS_DIR, WRITERS_SUFFIX
 
@@ -51,7 +50,8 @@ def writer_lease(store: Path) -> Iterator[None]:
     exist yet; its parent directory must.
     """
     lease = writers_path(store)
-    fd = _shared_flock(lease)
+    fd = lock_fd(lease, shared=True)  # waits while a removal holds it alone
+    assert fd is not None
     with _held_lock:
         _held[str(lease)] += 1
     try:
@@ -78,27 +78,6 @@ def exclusive_lease(store: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        os.close(fd)
-
-
-def _shared_flock(path: Path) -> int:
-    """Open `path` and take a shared lock on it, waiting for an exclusive holder; the fd.
-
-    A removal unlinks the lease file while it holds it: a lock won on a file that is no
-    longer at `path` is stale, so retry on the file that is there now (as `try_flock` does).
-    """
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:  # unlinked after we opened it
-            same = False
-        except BaseException:  # Ctrl-C while waiting: never leak the fd
-            os.close(fd)
-            raise
-        if same:
-            return fd
         os.close(fd)
 
 

@@ -14,14 +14,14 @@ import contextlib
 import os
 import socket
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cache.bfloat16 import to_bits
-from cache.catalog import add_alias
+from cache.catalog import add_alias, read_manifest
 from cache.claims import held, utcnow
 from cache.creation import create_store
 from cache.faults import crash_point
@@ -31,7 +31,7 @@ from cache.keys import cache_key
 from cache.lease import writer_lease
 from cache.paths import store_path
 from cache.zattrs import root_attributes, set_complete, zarr_group
-from schemas import LayoutMismatchError, ShardClaimedError, StoreCorruptError
+from schemas import LayoutMismatchError, ShardClaimedError, StoreCorruptError, StoreNotFoundError
 from schemas.arrays import ArraySpec, commit_array, index_arrays
 from schemas.geometry import Geometry, ShardRange
 from schemas.manifest import Manifest
@@ -95,8 +95,7 @@ class StoreWriter:
         key = cache_key(request)
         path = store_path(root, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        lease = contextlib.ExitStack()
-        lease.enter_context(writer_lease(path))  # before anything else: rm waits for no one, so go first
+        lease = cls._lease_of(path)
         try:
             with flocked(lock_path(path)):
                 if not path.exists():
@@ -128,11 +127,37 @@ class StoreWriter:
         except BaseException:
             lease.close()
             raise
-        writer._lease = lease
-        weakref.finalize(writer, lease.close)  # a writer dropped without `close()` still lets go
+        writer._hold(lease)
         for alias in aliases:
             add_alias(root, alias, key)
         return writer
+
+    @classmethod
+    def open(cls, path: Path) -> StoreWriter:
+        """The writer of the existing store at `path` (another process created it), holding its writer lease."""
+        lease = cls._lease_of(path)
+        try:
+            if not path.is_dir():
+                raise StoreNotFoundError(
+                    f"store {str(path)!r} is gone (removed while its shards ran). Fix: rerun the extract to create it."
+                )
+            writer = cls(path, read_manifest(path))
+        except BaseException:
+            lease.close()
+            raise
+        writer._hold(lease)
+        return writer
+
+    @staticmethod
+    def _lease_of(path: Path) -> contextlib.ExitStack:
+        """The store's writer lease, taken before anything else is looked at: rm waits for no one, so go first."""
+        lease = contextlib.ExitStack()
+        lease.enter_context(writer_lease(path))
+        return lease
+
+    def _hold(self, lease: contextlib.ExitStack) -> None:
+        self._lease = lease
+        weakref.finalize(self, lease.close)  # a writer dropped without `close()` still lets go
 
     @staticmethod
     def _read_manifest(path: Path) -> Manifest:
@@ -180,15 +205,16 @@ class StoreWriter:
         return stack
 
     def claim_pending(
-        self, wait: Callable[[list[ShardRange]], None] | None = None
+        self, wait: Callable[[list[ShardRange]], None] | None = None, only: Collection[int] | None = None
     ) -> Iterator[tuple[ShardRange, contextlib.ExitStack]]:
         """Claim pending shards one at a time, skipping those live processes hold; close a stack to release.
 
         With `wait`, go on until no shard is pending: when what is left is all held elsewhere,
         `wait(held)` is called (it sleeps, or raises to give up) and the shards are looked at
-        again, so a dead holder's shard is taken over. Without, one pass.
+        again, so a dead holder's shard is taken over. Without, one pass. `only` limits it to
+        those shard indices (a Dask task's one shard).
         """
-        while pending := self.pending_shards():
+        while pending := [s for s in self.pending_shards() if only is None or s.index in only]:
             held = []
             for shard in pending:
                 claim = self.try_claim(shard)

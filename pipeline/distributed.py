@@ -29,16 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cache.catalog import read_manifest
-from cache.integrity import marker_path
-from cache.lease import writer_lease
 from cache.paths import is_local
 from cache.writer import StoreWriter
 from pipeline.models.hub import ResolvedCheckpoint
 from pipeline.reduce import Reducer
 from pipeline.run import RunStats, run_shard
 from pipeline.stop import RESUME_HINT, StopFlag, signal_name
-from schemas import ConfigError, ModelSpec, StoreNotFoundError, WorkerError
+from schemas import ConfigError, ModelSpec, WorkerError
 from schemas.geometry import ShardRange
 
 __all__ = [
@@ -322,12 +319,14 @@ def shard_task(job: ShardJob, index: int) -> dict[str, Any]:
         started = time.perf_counter()
         runner = _runner(job.model)
         tokenized = _tokenized(job.tokenized)
-        with _open_store(Path(job.store)) as writer:
-            shard = writer.geometry.shards[index]
-            while (claim := writer.try_claim(shard)) is None:
-                if marker_path(writer.path, index).is_file():  # a first attempt (or another run) committed it
-                    return _counts(index, RunStats(), 0.0, started, skipped=True)
-                time.sleep(_CLAIM_WAIT_SECONDS)  # held by another live process: it commits, or dies and frees it
+        with StoreWriter.open(Path(job.store)) as writer:
+            # Held by another live process: it commits, or dies and frees it. Committed (by a first attempt
+            # or another run): nothing is yielded.
+            wait = lambda held: time.sleep(_CLAIM_WAIT_SECONDS)  # noqa: E731
+            claimed = next(writer.claim_pending(wait=wait, only={index}), None)
+            if claimed is None:
+                return _counts(index, RunStats(), 0.0, started, skipped=True)
+            shard, claim = claimed
             with claim:
                 pool = _pool(writer)
                 buffers, views = pool.take(shard)
@@ -449,18 +448,6 @@ def _pool(writer: StoreWriter) -> Any:
 
         _state.pools = (writer.key, BufferPool(writer.manifest.arrays, []))
     return _state.pools[1]
-
-
-@contextlib.contextmanager
-def _open_store(path: Path) -> Iterator[StoreWriter]:
-    """The client's store, opened to write shards under this worker's own (shared) writer lease."""
-    with writer_lease(path):
-        if not path.is_dir():
-            raise StoreNotFoundError(
-                f"store {str(path)!r} is gone (removed while its shards ran). "
-                "Fix: rerun the extract to create it again."
-            )
-        yield StoreWriter(path, read_manifest(path))
 
 
 @contextlib.contextmanager

@@ -126,11 +126,12 @@ def extract(
     coerce_device(cfg.device)  # a device this machine lacks is an error even when the store is cached
     _check_summary_path(cfg.summary_json)  # before the run, not after the store is complete
     distributed = client is not None or cfg.workers is not None or bool(cfg.scheduler)
+    root = cache_root(cfg.cache_dir)
     if distributed:
         from pipeline import distributed as dist
 
-        dist.require_posix_root(cache_root(cfg.cache_dir))
-    root = ensure_writable(cache_root(cfg.cache_dir))
+        dist.require_posix_root(root)
+    root = ensure_writable(root)
     dataset = resolve_dataset(
         cfg.data,
         split=cfg.split,
@@ -286,14 +287,15 @@ def extract(
                     batch_size=cfg.batch_size,
                     torch_threads=dist.local_torch_threads(cfg.workers),
                 )
-                (hooks or RunHooks()).run_started()
+                tuning = hooks or RunHooks()
+                tuning.run_started()
                 try:
                     stats = dist.run_on_cluster(
                         cluster, job, pending, store_key=writer.key, total_shards=len(writer.geometry.shards),
                         progress=bar, stop=stop,
                     )  # fmt: skip
                 finally:
-                    (hooks or RunHooks()).run_ended()
+                    tuning.run_ended()
             else:
                 stats = run_shards(
                     runner, tokenized, writer, reducer, batch_size=cfg.batch_size, progress=bar, stop=stop, hooks=hooks
