@@ -7,16 +7,15 @@ live writer holds, and hold the lease alone while they delete (`cache.cleanup` c
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cache.files import flocked, lock_path, read_json, write_json
+from cache.files import flocked, lock_path, read_json, remove_tree, write_json
 from cache.keys import is_key
 from cache.lease import exclusive_lease, writers_path
-from cache.paths import alias_path, as_path, cache_root, is_local, require_local, store_path
+from cache.paths import alias_path, as_path, cache_root, is_local, store_path
 from cache.zattrs import store_version
 from schemas import (
     ActcacheError,
@@ -201,16 +200,14 @@ def remove_store(ref: str | os.PathLike[str], root: Path | None = None) -> Path:
     `StoreInUseError`, naming the writer, while a live process holds the store's writer lease.
     """
     root = root or cache_root()
-    require_local(root, "remove a store from")
     text = os.fspath(ref)
     for named in (as_path(text), store_path(root, text) if is_key(text) else None):
         if named is not None and named.exists():
             _refuse_links(named)  # before anything is read through it
     path = find_store(ref, root)
-    require_local(path, "remove")
     _refuse_links(path)
     with exclusive_lease(path):
-        if not path.is_dir():  # another rm or gc got there between find_store and the lease
+        if not path.exists():  # another rm or gc got there between find_store and the lease
             raise StoreNotFoundError(f"store {str(path)!r} is gone: another process removed it just now.")
         delete_leased(path, root)
     return path
@@ -219,7 +216,7 @@ def remove_store(ref: str | os.PathLike[str], root: Path | None = None) -> Path:
 def delete_leased(path: Path, root: Path) -> None:
     """Delete the store at `path`, its lock files and its key from every alias; hold `exclusive_lease(path)`."""
     key = path.name.removesuffix(STORE_SUFFIX)
-    shutil.rmtree(path)
+    remove_tree(path)
     lock_path(path).unlink(missing_ok=True)
     # Unlinked while we hold it: a writer waiting for the lease wins the old file, sees it is stale, and
     # takes the lease on a new one, where it finds no store.
@@ -234,6 +231,8 @@ def delete_leased(path: Path, root: Path) -> None:
 
 def _refuse_links(path: Path) -> None:
     """`UnsafePathError` when the store, or the stores/ directory holding it, is a symbolic link."""
+    if not is_local(path):  # object stores have no links
+        return
     for link in (path, path.parent):
         if link.is_symlink():
             raise UnsafePathError(

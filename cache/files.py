@@ -6,12 +6,14 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cache.faults import crash_point
+from cache.paths import is_local
 from schemas import StoreCorruptError
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "lock_fd",
     "lock_path",
     "read_json",
+    "remove_tree",
     "try_flock",
     "write_json",
 ]
@@ -33,7 +36,12 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, crash_a
     """Write `data` to `path` whole or not at all: a sibling temp file, fsync (if `durable`), rename.
 
     `crash_at` names the crash point between the temp file and the rename (see `cache.faults`).
+    On an object store it is one PUT, which replaces an object whole or not at all.
     """
+    if not is_local(path):
+        crash_point(crash_at)
+        path.write_bytes(data)
+        return
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
     try:
         with open(tmp, "wb") as fh:
@@ -46,6 +54,14 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, crash_a
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_tree(path: Path) -> None:
+    """Delete the directory `path` and all it holds; on an object store, every object under that prefix."""
+    if is_local(path):
+        shutil.rmtree(path)
+    else:
+        path.fs.rm(path.path, recursive=True)  # type: ignore[attr-defined]  # a UPath
 
 
 def json_ready(value: Any) -> Any:
@@ -115,7 +131,15 @@ def lock_path(path: Path) -> Path:
 
 @contextlib.contextmanager
 def flocked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` for the block, waiting for it if need be (see `lock_fd`)."""
+    """Hold an exclusive lock on `path` for the block, waiting for it if need be (see `lock_fd`).
+
+    On an object store, which has no locks, nothing is held: there one run at a time holds
+    the store's lease object (`cache.objectlease`), and within a run only its client creates,
+    finalizes and names the store.
+    """
+    if not is_local(path):
+        yield
+        return
     fd = lock_fd(path)
     assert fd is not None  # a waiting lock is always won
     try:

@@ -15,7 +15,7 @@ import xxhash
 # the store it checks through it. `committed` and `marker_path` are re-exported here, where they were.
 from cache.catalog import committed, find_store, marker_path, read_manifest
 from cache.files import flocked, lock_path, read_json, write_json
-from cache.paths import is_local
+from cache.lease import writer_lease
 from cache.zattrs import set_complete, zarr_group
 from schemas import CacheError, StoreCorruptError, StoreNotFoundError
 from schemas.arrays import ArraySpec
@@ -79,7 +79,7 @@ def stored_checksums(store: Path, spec: ArraySpec, shard: ShardRange, geometry: 
     checksums: dict[str, str | None] = {}
     for key in spec.shard_chunks(shard, geometry):
         try:
-            with open(store / spec.name / key, "rb") as fh:
+            with (store / spec.name / key).open("rb") as fh:  # a file or, through fsspec, an object
                 fh.seek(-4, os.SEEK_END)
                 checksums[key] = fh.read(4).hex()
         except FileNotFoundError:
@@ -123,7 +123,6 @@ class VerifyReport:
     missing: list[int] = field(default_factory=list)
     corrupt: dict[int, list[str]] = field(default_factory=dict)
     reset: list[int] = field(default_factory=list)
-    read_only: bool = False  # a remote store: reported, nothing reset
     manifest_error: str | None = None
     manifest_rebuilt: bool = False
 
@@ -144,8 +143,6 @@ class VerifyReport:
             lines.append(f"  corrupt shard {index}: {shown}")
         if self.reset:
             lines.append(f"  reset to pending: shards {_ranges(self.reset)} (rerun the same extract to redo them)")
-        if self.read_only and not self.ok:
-            lines.append("  a remote store is only reported on: copy it to a local cache dir to repair it")
         return "\n".join(lines)
 
 
@@ -205,7 +202,8 @@ def verify(ref: str | os.PathLike[str], root: Path | None = None, *, reset: bool
 
     With `reset`, corrupt shards lose their markers (they become pending, so the next run
     of the same extract redoes exactly them) and a complete store is marked incomplete; a
-    corrupt or missing manifest is rebuilt, incomplete, from the copy kept at creation.
+    corrupt or missing manifest is rebuilt, incomplete, from the copy kept at creation. On
+    an object store the reset holds the store's lease object: refused while a run writes.
     """
     path = find_store(ref, root)
     manifest_error = None
@@ -216,9 +214,10 @@ def verify(ref: str | os.PathLike[str], root: Path | None = None, *, reset: bool
         manifest = _creation_manifest(path)
     report = verify_store(path, manifest)
     report.manifest_error = manifest_error
-    report.read_only = not is_local(path)  # writing to object stores comes with distributed extraction
-    if reset and not report.read_only and (report.corrupt or manifest_error):
-        with flocked(lock_path(path)):
+    if reset and (report.corrupt or manifest_error):
+        # The writer lease: on an object store, where nothing else serializes writers, a run writing the
+        # store refuses this reset (and is refused by it) rather than commit beside it.
+        with writer_lease(path), flocked(lock_path(path)):
             set_complete(path, False)  # first: a crash below must not leave zarr readers a complete store
             for index in sorted(report.corrupt):
                 (path / SHARD_COMMITTED / chunk_key((index,))).unlink(missing_ok=True)  # zarr readers see it too

@@ -21,6 +21,7 @@ __all__ = [
     "is_url",
     "require_local",
     "store_path",
+    "work_dir",
 ]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -50,11 +51,11 @@ def is_local(path: Path) -> bool:
 
 
 def require_local(path: Path, doing: str) -> None:
-    """`ConfigError` for a URL where actcache must write: object stores are read-only for now."""
+    """`ConfigError` for a URL where only a local cache root will do (gc: ages of files, tokenized copies)."""
     if not is_local(path):
         raise ConfigError(
-            f"cannot {doing} {str(path)!r}: stores on object stores are read-only for now (open_activations, "
-            "ls, show and verify read them). Fix: use a local --cache-dir, or a shared filesystem path."
+            f"cannot {doing} {str(path)!r}: that works on a local cache root only (extract, ls, show, verify "
+            "and rm work on object stores). Fix: remove old stores there with `actcache rm KEY --cache-dir URL`."
         )
 
 
@@ -116,12 +117,30 @@ def hash_memo_path(root: Path, directory: Path) -> Path:
     return root / HASHES_DIR / f"{hash_value(str(directory), length=32)}.json"
 
 
+def work_dir(root: Path) -> Path:
+    """Where the local side of a cache root lives: tokenized and Arrow copies of the data, weight digests.
+
+    The root itself on a disk. For an object store root, a directory named after the URL in
+    this machine's own cache ($ACTCACHE_DIR where that is local, else ~/.cache/actcache):
+    those copies are inputs of a run, read back at memory speed, and only stores and aliases
+    belong in the bucket.
+    """
+    if is_local(root):
+        return root
+    local = cache_root()
+    if not is_local(local):
+        import platformdirs
+
+        local = Path(platformdirs.user_cache_dir("actcache"))
+    return local / "remote" / hash_value(str(root), length=16)
+
+
 def ensure_writable(root: Path) -> Path:
-    """Create `root` if need be and prove a file can be written there; `CacheDirError` says why not."""
-    require_local(root, "extract into")
+    """Create `root` if need be and prove a file (or an object) can be written there; `CacheDirError` says why not."""
     probe = root / f".write-test-{os.getpid()}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        if is_local(root):  # an object store has no directories to make
+            root.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

@@ -6,6 +6,12 @@ A shard with a marker is done; without one it is pending, whatever chunk files e
 Any number of processes may write one store: a shard is written only under its claim
 (an flock the kernel releases when the holder dies, so a dead writer's claim is taken
 over by the next process that asks).
+
+On an object store (no flock, no rename) every object is written by one PUT, whole or not
+at all, and the marker is the shard's last object. One run at a time writes: its client
+holds the store's lease object (`cache.objectlease`), its Dask workers check it names their
+run, and within the run the scheduler hands each shard to one task (claims are this
+process's own).
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ import numpy as np
 from cache.bfloat16 import to_bits
 from cache.catalog import add_alias, read_manifest
 from cache.claims import held, utcnow
-from cache.creation import create_store
+from cache.creation import create_store, created
 from cache.faults import crash_point
 from cache.files import PARTIAL_SUFFIX, flocked, lock_path, read_json, write_json
 from cache.integrity import CHECKSUM, committed, marker_path, read_marker, stored_checksums
 from cache.keys import cache_key
-from cache.lease import writer_lease
-from cache.paths import store_path
+from cache.lease import writer_lease, writers_path
+from cache.objectlease import require_run
+from cache.paths import is_local, store_path
 from cache.zattrs import root_attributes, set_complete, zarr_group
 from schemas import LayoutMismatchError, ShardClaimedError, StoreCorruptError, StoreNotFoundError
 from schemas.arrays import ArraySpec, commit_array, index_arrays
@@ -51,9 +58,10 @@ __all__ = ["StoreWriter"]
 class StoreWriter:
     """Writes one store. Get one with `StoreWriter.open_or_create`."""
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    def __init__(self, path: Path, manifest: Manifest, run: str | None = None) -> None:
         self.path = path
         self.manifest = manifest
+        self.run = run  # on an object store: the run whose lease object this writer writes under
         self._group: Any = None
         self._arrays: dict[str, Any] = {}
         self._lease = contextlib.ExitStack()  # the writer lease, held until `close`
@@ -94,11 +102,12 @@ class StoreWriter:
         """
         key = cache_key(request)
         path = store_path(root, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lease = cls._lease_of(path)
+        if is_local(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        lease, run = cls._lease_of(path)
         try:
             with flocked(lock_path(path)):
-                if not path.exists():
+                if not created(path):
                     own = {spec.name for spec in (*index_arrays(), commit_array())}
                     all_arrays = (*index_arrays(), *(a for a in arrays if a.name not in own), commit_array())
                     manifest = Manifest(
@@ -114,7 +123,7 @@ class StoreWriter:
                         created_at=utcnow(),
                     )
                     create_store(path, manifest, examples)
-                writer = cls(path, cls._read_manifest(path))
+                writer = cls(path, cls._read_manifest(path), run)
                 if writer.manifest.geometry.n_tokens != geometry.n_tokens or (
                     writer.manifest.geometry.n_examples != geometry.n_examples
                 ):
@@ -133,15 +142,23 @@ class StoreWriter:
         return writer
 
     @classmethod
-    def open(cls, path: Path) -> StoreWriter:
-        """The writer of the existing store at `path` (another process created it), holding its writer lease."""
-        lease = cls._lease_of(path)
+    def open(cls, path: Path, run: str | None = None) -> StoreWriter:
+        """The writer of the existing store at `path` (another process created it), holding its writer lease.
+
+        On an object store, where one run holds the lease, `run` is that run's id (`StoreWriter.run`
+        of its client's writer): checked, not taken.
+        """
+        if is_local(path):
+            lease, _ = cls._lease_of(path)
+        else:
+            lease = contextlib.ExitStack()
+            require_run(path, writers_path(path), run or "")
         try:
-            if not path.is_dir():
+            if not created(path):
                 raise StoreNotFoundError(
                     f"store {str(path)!r} is gone (removed while its shards ran). Fix: rerun the extract to create it."
                 )
-            writer = cls(path, read_manifest(path))
+            writer = cls(path, read_manifest(path), run)
         except BaseException:
             lease.close()
             raise
@@ -149,11 +166,14 @@ class StoreWriter:
         return writer
 
     @staticmethod
-    def _lease_of(path: Path) -> contextlib.ExitStack:
-        """The store's writer lease, taken before anything else is looked at: rm waits for no one, so go first."""
+    def _lease_of(path: Path) -> tuple[contextlib.ExitStack, str | None]:
+        """The store's writer lease, taken before anything else is looked at: rm waits for no one, so go first.
+
+        With it, the id of the run that holds it alone (an object store's), else None.
+        """
         lease = contextlib.ExitStack()
-        lease.enter_context(writer_lease(path))
-        return lease
+        held = lease.enter_context(writer_lease(path))
+        return lease, None if held is None else held.run
 
     def _hold(self, lease: contextlib.ExitStack) -> None:
         self._lease = lease
@@ -228,15 +248,16 @@ class StoreWriter:
                 wait(held)
 
     def _clean_leftovers(self, shard: ShardRange) -> None:
-        """Remove temp files a crashed writer of this shard left (zarr's and ours)."""
-        for spec in self.manifest.arrays:
-            for key in spec.shard_chunks(shard, self.geometry):
-                chunk = self.path / spec.name / key
-                for leftover in chunk.parent.glob(f"{chunk.name}.*{PARTIAL_SUFFIX}"):
-                    leftover.unlink(missing_ok=True)
+        """Remove temp files a crashed writer of this shard left (zarr's and ours; an object store has none)."""
         marker = marker_path(self.path, shard.index)
-        for leftover in marker.parent.glob(f"{marker.name}.*{PARTIAL_SUFFIX}"):
-            leftover.unlink(missing_ok=True)
+        if is_local(self.path):
+            for spec in self.manifest.arrays:
+                for key in spec.shard_chunks(shard, self.geometry):
+                    chunk = self.path / spec.name / key
+                    for leftover in chunk.parent.glob(f"{chunk.name}.*{PARTIAL_SUFFIX}"):
+                        leftover.unlink(missing_ok=True)
+            for leftover in marker.parent.glob(f"{marker.name}.*{PARTIAL_SUFFIX}"):
+                leftover.unlink(missing_ok=True)
         if not marker.is_file():  # pending (we hold its claim, so no one commits it meanwhile)
             # A crash between the flag and the marker leaves the flag set on a pending shard: while the
             # shard is written again, zarr-only readers must not take it for done.

@@ -194,4 +194,4 @@ def consolidate(path: Path) -> None:
         # meets manifest.json and shards/, actcache's own files, which are no Zarr nodes.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         warnings.filterwarnings("ignore", message="Object at .* is not recognized", category=UserWarning)
-        zarr.consolidate_metadata(path)
+        zarr.consolidate_metadata(str(path))  # a str: zarr opens a URL through fsspec

@@ -205,7 +205,9 @@ def _add_extract(commands: Any) -> None:
         "--cache-dir",
         help="cache root (default: $ACTCACHE_DIR, else ~/.cache/actcache): every file actcache writes goes there "
         "(stores, tokenized data, datasets' Arrow copies of local files); Hub models and datasets are read from "
-        "the Hugging Face cache ($HF_HOME)",
+        "the Hugging Face cache ($HF_HOME). An object store URL (s3://bucket/prefix, gs://...) takes the stores "
+        "and aliases, with endpoint and credentials from the standard environment (AWS_ENDPOINT_URL, "
+        "AWS_ACCESS_KEY_ID, ...); the data copies then stay in the local default",
     )
     how.add_argument("--force", action="store_true", help="remove an existing store for this request and extract again")
     how.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary; print only the store path")
@@ -226,8 +228,8 @@ def _add_extract(commands: Any) -> None:
         "--scheduler",
         metavar="ADDRESS",
         help="run the shards on the running Dask cluster at ADDRESS (tcp://host:8786: a dask scheduler, "
-        "dask-jobqueue's SLURMCluster, dask-cuda's LocalCUDACluster), left running; the cache root must be a "
-        "path every worker sees (a shared filesystem)",
+        "dask-jobqueue's SLURMCluster, dask-cuda's LocalCUDACluster), left running; the cache root must be one "
+        "every worker reaches: a shared filesystem path, or an object store URL",
     )
     p.set_defaults(func=_cmd_extract)
 

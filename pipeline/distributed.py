@@ -2,8 +2,8 @@
 
 The client (`pipeline.extract`) resolves, tokenizes, plans and holds the store's writer lease
 as in a local run; here each pending shard becomes one task. A worker loads the model once
-and keeps it for every shard it runs (a per-process cache), claims the shard (the same flock
-as a local run: a dead worker's claim is freed by the kernel), computes it with
+and keeps it for every shard it runs (a per-process cache), claims the shard (on a disk the
+same flock as a local run, freed by the kernel when a worker dies), computes it with
 `pipeline.run.run_shard`, the local run's own shard function, writes and commits it straight
 to the store and returns only its counts: activations never pass through the scheduler.
 
@@ -12,8 +12,10 @@ is one `WorkerError` on the client naming the worker, and the other tasks are ca
 worker that dies mid-shard (SIGKILL, out of memory) is the scheduler's to handle: it runs the
 shard again elsewhere, up to `distributed.scheduler.allowed-failures` times.
 
-Cache roots on a local or shared POSIX disk only (shard claims are flocks); object stores
-are refused (`require_posix_root`).
+The cache root may be a local or shared POSIX disk, or an object store (s3://, gs://): there
+the client holds the store's lease object for the run, and a worker writes only while it
+still names the run (`cache.objectlease`); the tokenized data goes up beside the stores
+(`share_tokenized`) and each node fetches it once.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cache.paths import is_local
+from cache.faults import crash_point
+from cache.paths import as_path, is_local, is_url, work_dir
 from cache.writer import StoreWriter
 from pipeline.models.hub import ResolvedCheckpoint
 from pipeline.reduce import Reducer
@@ -37,6 +40,7 @@ from pipeline.run import RunStats, run_shard
 from pipeline.stop import RESUME_HINT, StopFlag, signal_name
 from schemas import ConfigError, ModelSpec, WorkerError
 from schemas.geometry import ShardRange
+from schemas.store import TOKENIZED_DIR
 
 __all__ = [
     "ShardJob",
@@ -46,9 +50,9 @@ __all__ = [
     "gpu_per_worker",
     "local_torch_threads",
     "release_worker_state",
-    "require_posix_root",
     "run_on_cluster",
     "shard_task",
+    "share_tokenized",
 ]
 
 _CONNECT_SECONDS = 30  # to reach a --scheduler, and for a --workers cluster to start
@@ -81,21 +85,23 @@ class ShardJob:
     """Everything a shard task needs besides its index: a few hundred bytes on the wire."""
 
     model: WorkerModel
-    store: str
-    tokenized: str  # the tokenized dataset's Arrow file under <root>/tokenized/
+    store: str  # a path or URL
+    run: str | None  # on an object store: the run that holds the store's lease (`StoreWriter.run`)
+    tokenized: str  # the tokenized dataset's Arrow file under <root>/tokenized/ (a path or URL)
     reducer: Reducer
     batch_size: int
     torch_threads: int | None  # None: the worker's own thread count
 
 
-def require_posix_root(root: Path) -> None:
-    """`ConfigError` for a URL cache root: distributed runs claim shards with flock, which object stores lack."""
-    if not is_local(root):
-        raise ConfigError(
-            f"--workers/--scheduler cannot write to {str(root)!r}: shard claims and the writer lease are flocks, "
-            "which object stores do not have, and their commit protocol (lease objects with conditional puts) "
-            "is not implemented yet. Fix: pass --cache-dir on a local or shared POSIX filesystem (NFS, Lustre)."
-        )
+def share_tokenized(local_file: str, root: Path) -> str:
+    """Where workers read the tokenized data: the client's Arrow file on a disk root; for an object store
+    root, a copy uploaded under `<root>/tokenized/` (content-addressed: once), which nodes fetch."""
+    if is_local(root):
+        return local_file
+    remote = root / TOKENIZED_DIR / Path(local_file).name
+    if not remote.exists():
+        remote.fs.put_file(local_file, remote.path)  # type: ignore[attr-defined]  # a UPath
+    return str(remote)
 
 
 # -- the client side -------------------------------------------------------------------------
@@ -246,6 +252,7 @@ def run_on_cluster(
                             "and kept. Fix the cause and rerun the same command to continue."
                         ) from exc
                     done += 1
+                    crash_point("client-shard-done")
                     stats.shards_written += 0 if counts["skipped"] else 1
                     for name in ("tokens", "examples", "computed_positions"):
                         setattr(stats, name, getattr(stats, name) + counts[name])
@@ -319,7 +326,7 @@ def shard_task(job: ShardJob, index: int) -> dict[str, Any]:
         started = time.perf_counter()
         runner = _runner(job.model)
         tokenized = _tokenized(job.tokenized)
-        with StoreWriter.open(Path(job.store)) as writer:
+        with StoreWriter.open(as_path(job.store), run=job.run) as writer:
             # Held by another live process: it commits, or dies and frees it. Committed (by a first attempt
             # or another run): nothing is yielded.
             wait = lambda held: time.sleep(_CLAIM_WAIT_SECONDS)  # noqa: E731
@@ -433,12 +440,29 @@ def _tokenized(path: str) -> Any:
 
     from pipeline.tokenize import Tokenized
 
-    dataset = datasets.Dataset.from_file(path)
+    dataset = datasets.Dataset.from_file(str(_local_copy(path)))
     lengths = dataset.with_format("arrow")[:].column("length").to_numpy().astype("int64")
     # max_length and the truncation count are the client's business: a shard needs ids and lengths.
     tokenized = Tokenized(dataset, lengths, max_length=0, n_truncated=0)
     _state.tokenized = (path, tokenized)
     return tokenized
+
+
+def _local_copy(path: str) -> Path:
+    """`path` itself; for a URL under `<root>/tokenized/`, this node's copy in the root's `work_dir` (fetched once)."""
+    if not is_url(path):
+        return Path(path)
+    remote = as_path(path)
+    local = work_dir(remote.parent.parent) / TOKENIZED_DIR / remote.name
+    if not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f"{local.name}.{uuid.uuid4().hex}.partial")
+        try:
+            remote.fs.get_file(remote.path, str(partial))  # type: ignore[attr-defined]  # a UPath
+            os.replace(partial, local)  # whole or not at all: another worker of this node may fetch it too
+        finally:
+            partial.unlink(missing_ok=True)
+    return local
 
 
 def _pool(writer: StoreWriter) -> Any:

@@ -20,8 +20,9 @@ from typing import Any, TextIO
 
 from cache import StoreWriter, cache_root, store_bytes, store_path
 from cache.catalog import read_manifest, remove_store
+from cache.creation import created
 from cache.faults import crash_point
-from cache.paths import alias_name, ensure_writable
+from cache.paths import alias_name, ensure_writable, work_dir
 from pipeline.datasets import resolve_dataset
 from pipeline.models.helpers import coerce_device
 from pipeline.models.quantization import check_quantizable
@@ -126,12 +127,8 @@ def extract(
     coerce_device(cfg.device)  # a device this machine lacks is an error even when the store is cached
     _check_summary_path(cfg.summary_json)  # before the run, not after the store is complete
     distributed = client is not None or cfg.workers is not None or bool(cfg.scheduler)
-    root = cache_root(cfg.cache_dir)
-    if distributed:
-        from pipeline import distributed as dist
-
-        dist.require_posix_root(root)
-    root = ensure_writable(root)
+    root = ensure_writable(cache_root(cfg.cache_dir))
+    side = work_dir(root)  # tokenized and Arrow copies, weight digests: local even when the stores are not
     dataset = resolve_dataset(
         cfg.data,
         split=cfg.split,
@@ -150,14 +147,14 @@ def extract(
         quantization=cfg.quantization,
         trust_remote_code=cfg.trust_remote_code,
         allow_pickle=cfg.allow_pickle,
-        cache_dir=root,
+        cache_dir=side,
     )
     stages.lap("resolve")
     path = store_path(root, resolved.key)
     alias = alias_name(resolved.spec.name, dataset.name)
-    if path.exists() and cfg.force:
+    if created(path) and cfg.force:
         remove_store(path, root)  # refused while another process writes it
-    if path.exists() and read_manifest(path).complete:
+    if created(path) and read_manifest(path).complete:
         manifest = read_manifest(path)
         say(f"cache hit: {alias} is already extracted (key {resolved.key}); the model was not loaded.")
         summary = _summary(manifest, path, time.perf_counter() - started, 0)
@@ -177,7 +174,7 @@ def extract(
         resolved.examples,
         resolved.prepared.tokenizer,
         max_length=resolved.prepared.max_length,
-        cache_dir=root / TOKENIZED_DIR,
+        cache_dir=side / TOKENIZED_DIR,
         tok_hash=resolved.tokenizer_hash,
     )
     stages.lap("tokenize")
@@ -195,6 +192,8 @@ def extract(
 
     with contextlib.ExitStack() as scope:
         if distributed:
+            from pipeline import distributed as dist
+
             cluster = scope.enter_context(
                 dist.connect(workers=cfg.workers, scheduler=cfg.scheduler, client=client, say=say)
             )
@@ -202,7 +201,7 @@ def extract(
                 spec=resolved.spec.to_dict(),
                 checkpoint=resolved.prepared.checkpoint,
                 identity=dict(resolved.request.model),
-                memo_dir=str(root),
+                memo_dir=str(side),
                 device=cfg.device,
                 dtype=resolved.dtype,
                 quantization=cfg.quantization,
@@ -282,7 +281,8 @@ def extract(
                 job = dist.ShardJob(
                     model=worker_model,
                     store=str(writer.path),
-                    tokenized=_arrow_file(tokenized),
+                    run=writer.run,
+                    tokenized=dist.share_tokenized(_arrow_file(tokenized), root),
                     reducer=reducer,
                     batch_size=cfg.batch_size,
                     torch_threads=dist.local_torch_threads(cfg.workers),

@@ -18,7 +18,6 @@ import torch
 from cache import StoreWriter, verify
 from cache.catalog import read_manifest
 from cache.faults import arm_from_environment
-from pipeline.cli import main
 from pipeline.extract import ExtractConfig, extract
 from pipeline.run import RunHooks
 from pipeline.stop import StopFlag
@@ -138,10 +137,3 @@ def test_cli_workers_runs_end_to_end_and_prints_the_store_last(tiny_dir: Any, tm
     assert "dask: 2 local worker processes, dashboard http" in done.stdout
     assert Path(lines[-1]).is_dir() and verify(lines[-1]).ok
     assert read_manifest(Path(lines[-1])).provenance["workers"] == 2
-
-
-def test_workers_on_an_object_store_root_are_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["extract", "--model", "x", "--data", "sample", "--workers", "2", "--cache-dir", "s3://bucket/c"])
-    err = capsys.readouterr().err
-    assert status == 2 and len(err.strip().splitlines()) == 1
-    assert "s3://bucket/c" in err and "flock" in err and "Fix:" in err

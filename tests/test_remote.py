@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,45 +29,17 @@ def _upload(fs: Any, local: Path, remote: str) -> None:
             fs.pipe(f"{remote}/{file.relative_to(local).as_posix()}", file.read_bytes())
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A moto S3 server on 127.0.0.1 for this module, with credentials and endpoint in the environment."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield env
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 @pytest.fixture()
-def remote_cache(s3: dict[str, str], _cache_root: Path) -> tuple[str, Any, Any]:
+def remote_cache(bucket: str, _cache_root: Path) -> tuple[str, Any, Any]:
     import s3fs
 
     writer, _ = complete_store(_cache_root)
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    bucket = f"acts-{uuid.uuid4().hex[:12]}"
-    fs.mkdir(bucket)
-    _upload(fs, writer.path, f"{bucket}/cache/stores/{writer.path.name}")
+    name = bucket.removeprefix("s3://")
+    _upload(fs, writer.path, f"{name}/cache/stores/{writer.path.name}")
     alias = alias_path(_cache_root, "fake__data")
-    fs.pipe(f"{bucket}/cache/aliases/{alias.name}", alias.read_bytes())
-    return f"s3://{bucket}/cache", writer, fs
+    fs.pipe(f"{name}/cache/aliases/{alias.name}", alias.read_bytes())
+    return f"{bucket}/cache", writer, fs
 
 
 def test_open_activations_reads_a_store_on_s3_like_the_local_one(remote_cache: tuple[str, Any, Any]) -> None:
@@ -149,8 +119,9 @@ def test_ls_show_and_verify_accept_an_s3_url(remote_cache: tuple[str, Any, Any],
     raw[len(raw) // 2] ^= 0x01
     fs.pipe(chunk, bytes(raw))
     done = cli("verify", url)
-    assert done.returncode == 1 and "corrupt shard 1" in done.stdout and "only reported on" in done.stdout
-    assert fs.exists(f"{url.removeprefix('s3://')}/shards/000001.json"), "nothing is reset on a remote store"
+    assert done.returncode == 1 and "corrupt shard 1" in done.stdout and "reset to pending: shards 1" in done.stdout
+    assert not fs.exists(f"{url.removeprefix('s3://')}/shards/000001.json"), "its marker is gone: pending again"
+    assert not fs.exists(f"{url.removeprefix('s3://')}.writers"), "the lease is let go"
 
 
 def test_memory_urls_work_too(_cache_root: Path) -> None:
@@ -164,11 +135,14 @@ def test_memory_urls_work_too(_cache_root: Path) -> None:
     np.testing.assert_array_equal(remote.hidden(-1).compute(), local.hidden(-1, lazy=False))
 
 
-def test_writing_commands_refuse_a_url_in_one_line_and_file_urls_are_local_paths(_cache_root: Path) -> None:
+def test_gc_refuses_a_url_in_one_line_and_file_urls_are_local_paths(_cache_root: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for args in (["gc", "--cache-dir", "memory://acts"], ["rm", "0" * 32, "--cache-dir", "memory://acts"]):
+    for args, says in (
+        (["gc", "--cache-dir", "memory://acts"], "local cache root only"),
+        (["rm", "0" * 32, "--cache-dir", "memory://acts"], "no store"),
+    ):
         done = subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, capture_output=True, text=True)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-        assert "read-only for now" in done.stderr and "local --cache-dir" in done.stderr
+        assert says in done.stderr and "Fix:" in done.stderr, done.stderr
     writer, _ = complete_store(_cache_root)
     assert open_activations(f"file://{writer.path}").key == writer.key
