@@ -36,7 +36,7 @@ from cache.paths import as_path, is_local, is_url, work_dir
 from cache.writer import StoreWriter
 from pipeline.models.hub import ResolvedCheckpoint
 from pipeline.reduce import Reducer
-from pipeline.run import RunStats, run_shard
+from pipeline.run import RunHooks, RunStats, run_shard
 from pipeline.stop import RESUME_HINT, StopFlag, signal_name
 from schemas import ConfigError, ModelSpec, WorkerError
 from schemas.geometry import ShardRange
@@ -216,14 +216,18 @@ def run_on_cluster(
     total_shards: int,
     progress: Any,
     stop: StopFlag | None = None,
+    hooks: RunHooks | None = None,
 ) -> RunStats:
     """Submit one task per pending shard and wait for all; the counts they return, summed.
 
     Once `stop` is set (Ctrl-C, SIGTERM), the tasks not yet done are cancelled and
     `Interrupted` is raised: what the workers committed is kept, nothing partial is.
+    `hooks` hear of the run as in a local one (`shard_done` once per shard a worker committed).
     """
     from distributed import as_completed
 
+    hooks = hooks or RunHooks()
+    hooks.run_started()
     stats = RunStats()
     started = time.perf_counter()
     flag = stop or StopFlag()
@@ -252,6 +256,7 @@ def run_on_cluster(
                             "and kept. Fix the cause and rerun the same command to continue."
                         ) from exc
                     done += 1
+                    hooks.shard_done()
                     crash_point("client-shard-done")
                     stats.shards_written += 0 if counts["skipped"] else 1
                     for name in ("tokens", "examples", "computed_positions"):
@@ -263,6 +268,7 @@ def run_on_cluster(
     finally:
         client.cancel(futures)  # those still running, and the scheduler's memory of the others
         stats.seconds = time.perf_counter() - started
+        hooks.run_ended()
     if flag.signum is not None:
         from schemas import Interrupted
 

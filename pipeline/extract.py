@@ -287,15 +287,10 @@ def extract(
                     batch_size=cfg.batch_size,
                     torch_threads=dist.local_torch_threads(cfg.workers),
                 )
-                tuning = hooks or RunHooks()
-                tuning.run_started()
-                try:
-                    stats = dist.run_on_cluster(
-                        cluster, job, pending, store_key=writer.key, total_shards=len(writer.geometry.shards),
-                        progress=bar, stop=stop,
-                    )  # fmt: skip
-                finally:
-                    tuning.run_ended()
+                stats = dist.run_on_cluster(
+                    cluster, job, pending, store_key=writer.key, total_shards=len(writer.geometry.shards),
+                    progress=bar, stop=stop, hooks=hooks,
+                )  # fmt: skip
             else:
                 stats = run_shards(
                     runner, tokenized, writer, reducer, batch_size=cfg.batch_size, progress=bar, stop=stop, hooks=hooks

@@ -126,6 +126,31 @@ def test_a_model_workers_cannot_load_is_one_error_and_committed_shards_are_kept(
     assert extract(cfg, out=io.StringIO(), client=client).manifest.complete  # the same command finishes it
 
 
+def test_a_stop_on_the_client_cancels_the_rest_keeps_what_is_committed_and_the_rerun_finishes(
+    client: Any, tiny_dir: Any, tmp_path: Path
+) -> None:
+    """Ctrl-C (or SIGTERM) on the client after the first shard returns: one `Interrupted` saying how to resume."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = extract(_config(tiny_dir("bert"), tmp_path / "one", shard_tokens=64))
+    finally:
+        torch.set_num_threads(threads)
+    flag = StopFlag()
+    cfg = _config(tiny_dir("bert"), tmp_path / "two", shard_tokens=64)  # ~18 shards: most not started at the stop
+    with pytest.raises(Interrupted) as caught:
+        extract(cfg, client=client, stop=flag, hooks=_StopAfterFirstShard(flag))
+    assert caught.value.signum == signal.SIGINT and "rerun the same command" in str(caught.value), caught.value
+    [store] = (tmp_path / "two" / "stores").glob("*.zarr")
+    manifest = read_manifest(store)
+    with StoreWriter(store, manifest) as writer:
+        done = writer.done_shards()
+    assert 1 <= len(done) < len(manifest.geometry.shards) and not manifest.complete, done
+    resumed = extract(cfg, client=client)
+    assert resumed.manifest.complete and verify(str(resumed.path)).ok
+    assert chaos._lost(chaos._arrays(resumed.path), chaos._arrays(single.path)) == 0
+
+
 def test_cli_workers_runs_end_to_end_and_prints_the_store_last(tiny_dir: Any, tmp_path: Path) -> None:
     args = ["--model", str(tiny_dir("bert")), "--data", "sample", "--limit", "2", "--shard-tokens", "256"]
     done = subprocess.run(
