@@ -143,16 +143,41 @@ def connect(*, workers: int | None, scheduler: str | None, client: Any, say: Cal
         return
     if workers is None or workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,  # one shard at a time per worker: its cores go to torch (ShardJob.torch_threads)
-        processes=True,
-        dashboard_address=":0",
-        silence_logs=logging.ERROR,
-    )
-    with cluster, Client(cluster, set_as_default=False, timeout=_CONNECT_SECONDS) as local:
-        say(f"dask: {workers} local worker processes, dashboard {local.dashboard_link}")
-        yield local
+    with _nanny_environment():
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,  # one shard at a time per worker: its cores go to torch (ShardJob.torch_threads)
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
+        with cluster, Client(cluster, set_as_default=False, timeout=_CONNECT_SECONDS) as local:
+            say(f"dask: {workers} local worker processes, dashboard {local.dashboard_link}")
+            yield local
+
+
+@contextlib.contextmanager
+def _nanny_environment() -> Iterator[None]:
+    """The environment a local cluster's workers start in; this process's own, as it was, on exit.
+
+    The nannies of a `LocalCluster` live in this process and write their workers' variables
+    (`distributed.nanny.pre-spawn-environ`) into its `os.environ`, at start and at each worker
+    restart: they are put back. Of those variables our workers go without `MALLOC_TRIM_THRESHOLD_`:
+    glibc reads any such setting as "fixed thresholds", so malloc's mmap threshold stays at
+    128 KiB and every activation tensor of a batch is a fresh mmap, faulted in page by page and
+    unmapped again (2 M page faults, seconds of system time per `bench.distributed` run: the
+    throughput of 2 workers was 0.69 of one process with it, 0.85 without).
+    """
+    import dask
+
+    saved = dict(os.environ)
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            yield
+    finally:
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        os.environ.update((k, v) for k, v in saved.items() if os.environ.get(k) != v)
 
 
 @contextlib.contextmanager
@@ -177,34 +202,37 @@ def local_torch_threads(workers: int | None) -> int | None:
     return max(1, (os.cpu_count() or 1) // workers) if workers else None
 
 
-def describe_model(client: Any, model: WorkerModel) -> dict[str, Any]:
-    """Load the model on every worker at once (warming them); what the first to finish says of it.
+def describe_model(client: Any, model: WorkerModel, tokenized: str) -> dict[str, Any]:
+    """Load the model and the tokenized data on every worker at once; what the first of them says of the model.
 
     The client never loads the model: whether the checkpoint has an LM head (and so which
-    arrays the store has) is the workers' answer. A worker that cannot load it is a
-    `WorkerError` here, before any shard is submitted.
+    arrays the store has) is the workers' answer. Every worker is warm before the first shard
+    is submitted, so no shard waits behind a load and no load competes with a shard for the
+    cores. A worker that cannot load either is a `WorkerError` here, before any shard runs.
     """
-    from distributed import as_completed
-
     addresses = list(client.scheduler_info(n_workers=-1).get("workers", {})) or [None]
     futures = [
-        client.submit(_describe_task, model, key=f"actcache-load-model-{i}", workers=[a] if a else None, pure=False)
+        client.submit(
+            _warm_task,
+            model,
+            tokenized,
+            key=f"actcache-warm-{uuid.uuid4().hex[:8]}-{i}",
+            workers=[a] if a else None,
+            pure=False,
+        )
         for i, a in enumerate(addresses)
     ]
     try:
-        first = next(iter(as_completed(futures, loop=client.loop)))
-        try:
-            facts = dict(_result(first))
-            return facts | {
-                "workers": len(futures) if addresses != [None] else 0,
-                "scheduler": client.scheduler.address,
-            }
-        except WorkerError as exc:
-            raise WorkerError(
-                f"{exc} No shard was submitted; committed shards are kept. Fix the cause and rerun."
-            ) from exc
+        facts = [dict(_result(f)) for f in futures]
+    except WorkerError as exc:
+        raise WorkerError(f"{exc} No shard was submitted; committed shards are kept. Fix the cause and rerun.") from exc
     finally:
-        client.cancel(futures)  # the slower loads go on warming their workers: cancel only frees the keys
+        client.cancel(futures)
+    return facts[0] | {
+        "workers": len(futures) if addresses != [None] else 0,
+        "scheduler": client.scheduler.address,
+        "load_seconds": max(f["seconds"] for f in facts),
+    }
 
 
 def run_on_cluster(
@@ -314,10 +342,13 @@ class _WorkerState:
 _state = _WorkerState()
 
 
-def _describe_task(model: WorkerModel) -> dict[str, Any]:
-    with _state.lock, _as_worker_error("could not load the model"):
+def _warm_task(model: WorkerModel, tokenized: str) -> dict[str, Any]:
+    with _state.lock:
         started = time.perf_counter()
-        runner = _runner(model)
+        with _as_worker_error("could not load the model"):
+            runner = _runner(model)
+        with _as_worker_error("could not read the tokenized data"):
+            _tokenized(tokenized)
         return {
             "has_lm_head": getattr(runner, "has_lm_head", True),
             "device": str(runner.device),

@@ -209,7 +209,8 @@ def extract(
                 allow_pickle=cfg.allow_pickle,
                 gpu_per_worker=dist.gpu_per_worker(cfg.workers, cfg.device),
             )
-            facts = dist.describe_model(cluster, worker_model)
+            shared = dist.share_tokenized(_arrow_file(tokenized), root)
+            facts = dist.describe_model(cluster, worker_model, shared)
             has_logits, device, runner = facts["has_lm_head"], facts["device"], None
             cluster_facts = {
                 "workers": cfg.workers or facts["workers"],
@@ -282,7 +283,7 @@ def extract(
                     model=worker_model,
                     store=str(writer.path),
                     run=writer.run,
-                    tokenized=dist.share_tokenized(_arrow_file(tokenized), root),
+                    tokenized=shared,
                     reducer=reducer,
                     batch_size=cfg.batch_size,
                     torch_threads=dist.local_torch_threads(cfg.workers),

@@ -1,4 +1,4 @@
-"""The Python API leaves the process as it found it: gc, signal handlers, progress bars, logging, threads.
+"""The Python API leaves the process as it found it: gc, signal handlers, progress bars, logging, threads, environment.
 
 A metrics job or a notebook imports actcache, extracts and reads; afterwards its process must
 be what it was. Checked in a fresh interpreter (so nothing from the test session blurs it),
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 PROBE = r"""
-import gc, json, logging, signal, sys, threading
+import gc, json, logging, os, signal, sys, threading
 import dask.array, datasets, numpy, transformers, zarr
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGXFSZ)
@@ -41,6 +41,9 @@ def snapshot():
         "threads": sorted(t.name for t in threading.enumerate() if t.name != "tqdm_monitor"),
     }
 
+def environ():
+    return dict(os.environ)
+
 # The libraries' own lazily started threads (zarr's I/O loop, dask's scheduler pool) exist in any
 # process that used them before; start them here, so what follows measures actcache alone.
 # zarr's loop hands file I/O to its executor, which grows to its full size under a many-chunk write.
@@ -48,6 +51,10 @@ scratch = zarr.create_array(store=sys.argv[2] + "-scratch", shape=(256,), chunks
 scratch[:] = 1
 scratch[:]
 dask.array.ones(4, chunks=2).sum().compute()
+# distributed's own threads (its event loop, its offload pool) outlive any client, ours or not.
+from distributed import Client, LocalCluster
+with LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as c, Client(c, set_as_default=False) as cl:
+    cl.submit(sum, [1]).result()
 states = {"start": snapshot()}
 from pipeline.extract import ExtractConfig, extract
 from cache import open_activations
@@ -56,6 +63,13 @@ states["imported"] = snapshot()
 config = ExtractConfig(model=sys.argv[1], data="sample", limit=2, shard_tokens=256, cache_dir=sys.argv[2], quiet=True)
 result = extract(config)
 states["extracted"] = snapshot()
+# A local cluster's nannies live in this process and write their workers' variables into it.
+# (Against the environment after a local extract: torch and sklearn set variables of their own on first use.)
+states["environ before workers"] = environ()
+extract(ExtractConfig(model=sys.argv[1], data="sample", limit=2, shard_tokens=256, cache_dir=sys.argv[2] + "-workers",
+                      quiet=True, workers=1))
+states["extracted on workers"] = snapshot()
+states["environ after workers"] = environ()
 with open_activations(result.path) as acts:
     acts.hidden(-1, lazy=False)
     acts.pooled(-1).compute()
@@ -74,6 +88,15 @@ def test_the_python_api_leaves_the_process_as_it_found_it(tiny_dir: Any, tmp_pat
     states = json.loads(done.stdout.strip().splitlines()[-1])
     start = states["start"]
     assert start["gc"][0] and start["datasets_bars"] and start["transformers_bars"], "a pristine process to compare"
-    for stage in ("imported", "extracted", "read"):
-        changed = {k: (start[k], v) for k, v in states[stage].items() if v != start[k]}
+    for stage in ("imported", "extracted", "extracted on workers", "read"):
+        changed = {k: _difference(start[k], v) for k, v in states[stage].items() if v != start[k]}
         assert not changed, f"after {stage}: {changed}"
+    environ = _difference(states["environ before workers"], states["environ after workers"])
+    assert not environ, f"extract(workers=1) changed os.environ: {environ}"
+
+
+def _difference(before: Any, after: Any) -> Any:
+    """`(before, after)`; for mappings, of the differing entries only."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    return before, after
