@@ -16,8 +16,10 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 MODEL ?= minilm-l6
 DATA ?= sample
 ARGS ?=
+OUT ?= metrics-out
+METRICS_ARGS ?=
 
-.PHONY: install lock test unit integration check fmt extract chaos bench clean
+.PHONY: install lock test unit integration check fmt extract metrics chaos bench clean
 
 install: $(STAMP)
 
@@ -54,16 +56,20 @@ integration: install
 	$(OFFLINE) $(PY) -m pytest -q -m integration $(PYTEST_ARGS)
 
 check: install
-	$(VENV)/bin/ruff format --check schemas cache pipeline tests bench
-	$(VENV)/bin/ruff check schemas cache pipeline tests bench
+	$(VENV)/bin/ruff format --check schemas cache pipeline metrics tests bench
+	$(VENV)/bin/ruff check schemas cache pipeline metrics tests bench
 	$(VENV)/bin/mypy
 
 fmt: install
-	$(VENV)/bin/ruff format schemas cache pipeline tests bench
-	$(VENV)/bin/ruff check --fix schemas cache pipeline tests bench
+	$(VENV)/bin/ruff format schemas cache pipeline metrics tests bench
+	$(VENV)/bin/ruff check --fix schemas cache pipeline metrics tests bench
 
 extract: install
 	$(OFFLINE) $(VENV)/bin/actcache extract --model $(MODEL) --data $(DATA) $(ARGS)
+
+# The metrics of the store `make extract` makes (extracting it first if it is not cached): OUT/report.html.
+metrics: extract
+	$(OFFLINE) $(VENV)/bin/actcache metrics --model $(MODEL) --data $(DATA) --out $(OUT) $(METRICS_ARGS)
 
 bench: install
 	$(OFFLINE) $(PY) bench/run.py $(ARGS)

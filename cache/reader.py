@@ -150,6 +150,29 @@ class Activations(StoreView):
 
         `lazy=False` returns numpy, read at once.
         """
+        return self._logical(self._pooled_name(how, stack), self._layer_position(layer), lazy=lazy)
+
+    def pooled_rows(self, layer: int, start: int, stop: int, how: str = "mean", stack: str | None = None) -> np.ndarray:
+        """Examples [start, stop) of `pooled(layer, how, stack)`, read now: a block of an out-of-core job.
+
+        Reads only the chunks those rows lie in (a slice of the lazy array would decode
+        its whole Dask block, ~64 MiB, for each slice).
+        """
+        name = self._pooled_name(how, stack)
+        if not 0 <= start <= stop <= self.n_examples:
+            raise IndexError(f"rows [{start}, {stop}) out of range: this view has {self.n_examples} examples")
+        spec, position = self._spec(name), self._layer_position(layer)
+        files = self._files(spec)
+        if files is not None:
+            return self._read(spec, files, (position,), start, stop)
+        return np.asarray(self._logical(name, position)[start:stop].compute())
+
+    @property
+    def example_chunk(self) -> int:
+        """Examples per chunk of the per-example arrays: blocks of a multiple of it read no chunk twice."""
+        return self.manifest.geometry.example_chunk
+
+    def _pooled_name(self, how: str, stack: str | None) -> str:
         name = pooled_name(self._stack(stack), how)
         if not self.manifest.has_array(name):
             held = sorted(
@@ -158,7 +181,7 @@ class Activations(StoreView):
                 if a.name.startswith(pooled_name(self._stack(stack), ""))
             )
             raise ConfigError(f"store {self.key} has no {how!r} pooling for that stack; it has {held}")
-        return self._logical(name, self._layer_position(layer), lazy=lazy)
+        return name
 
     @property
     def token_ids(self) -> Any:

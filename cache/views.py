@@ -9,7 +9,7 @@ path does not implement go through zarr.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class StoreView:
         """End the reading threads (a later read starts them again); `with open_activations(...) as acts:` does."""
         self._pool.close()
 
-    def __enter__(self) -> StoreView:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the registered models and how each loads")
     models.set_defaults(func=_cmd_models)
     _add_extract(commands)
+    _add_metrics(commands)
 
     store_commands = {
         "ls": ("list the stores in the cache", _cmd_ls),
@@ -232,6 +233,78 @@ def _add_extract(commands: Any) -> None:
         "every worker reaches: a shared filesystem path, or an object store URL",
     )
     p.set_defaults(func=_cmd_extract)
+
+
+METRICS_HELP = """\
+Layer-wise analyses of cached activations, read out of core: cross-lingual retrieval P@1
+for every ordered language pair (translations share --align-column), exact linear CKA
+layer x layer (within STORE, and against --against STORE_B over the same examples), and
+linear probes (language, and the dataset's label) with stratified k-fold accuracy.
+Writes OUT/metrics.csv (metric, store, store_b, layer, layer_b, src_lang, tgt_lang, value),
+PNG plots and OUT/report.html. Results are cached by the stores' keys and the parameters:
+the same command again is instant. Runs without torch or transformers.
+
+examples:
+  actcache metrics minilm-l6__sample --out metrics-out          the store make extract makes
+  actcache metrics --model mbert --data xnli --against xlmr__xnli --metrics cka --out cka
+  actcache metrics labse__xnli --metrics retrieval --center --layers 0,6,12 --out retrieval
+"""
+
+
+def _add_metrics(commands: Any) -> None:
+    p = commands.add_parser(
+        "metrics",
+        help="retrieval, CKA and probes per layer over cached stores, with plots and a report",
+        description=METRICS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("store", nargs="?", metavar="STORE", help="a key, alias (model__data), path or URL")
+    p.add_argument("--model", help="with --data: the store `actcache extract --model M --data D` made")
+    p.add_argument("--data", help="see --model")
+    p.add_argument("--against", metavar="STORE_B", help="a second store over the same examples: CKA between the two")
+    p.add_argument(
+        "--metrics",
+        type=lambda text: tuple(m for m in text.split(",") if m),
+        help="comma-separated, of retrieval,cka,probe (default: every one the stores' metadata allows)",
+    )
+    p.add_argument("--layers", default="all", help="all (default), or a list like 0,6,-1 (0 = embeddings)")
+    p.add_argument("--pooling", default="mean", help="the stored pooled vectors to use: mean (default), first, last")
+    p.add_argument("--center", action="store_true", help="retrieval: subtract each language's mean vector first")
+    p.add_argument(
+        "--align-column",
+        help="the metadata column translations share (default: id where translations share it, else each "
+        "item's index within its language, as XNLI's rows align); items align within one field (premise, hypothesis)",
+    )
+    p.add_argument("--folds", type=int, default=5, help="probes: stratified folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="probes: the folds' shuffle seed (default 0)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where metrics.csv, the PNGs and report.html go")
+    p.add_argument("--cache-dir", help="cache root (default: $ACTCACHE_DIR, else ~/.cache/actcache)")
+    p.add_argument("--no-cache", dest="use_cache", action="store_false", help="compute again, ignoring cached results")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar; print only the report's path")
+    p.set_defaults(func=_cmd_metrics)
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from cache import alias_name
+    from metrics import MetricsConfig, run_metrics
+    from schemas import ConfigError
+    from schemas.request import parse_layers
+
+    if (args.store is None) == (args.model is None or args.data is None):
+        raise ConfigError("name one store: STORE (a key, alias or path), or both --model and --data")
+    fields = {k: v for k, v in vars(args).items() if k in MetricsConfig.__dataclass_fields__}
+    store = args.store or alias_name(args.model, args.data)
+    config = MetricsConfig(**fields | {"store": store, "layers": parse_layers(args.layers)})
+    say = (lambda text: None) if args.quiet else (lambda text: print(f"actcache: {text}", file=sys.stderr))
+    result = run_metrics(config, say=say)
+    for note in result.notes:
+        say(note)
+    if not args.quiet:
+        for png in result.plots:
+            print(png, file=sys.stderr)
+        print(result.csv, file=sys.stderr)
+    print(result.report)
+    return 0
 
 
 def _days(text: str) -> float:

@@ -54,6 +54,7 @@ __all__ = [
     "MANIFEST_ATTR",
     "MANIFEST_FILE",
     "MARKER_SUFFIX",
+    "METRICS_DIR",
     "OFFSETS",
     "PHYSICAL_DTYPES",
     "POOLINGS",
@@ -100,8 +101,16 @@ STORES_DIR = "stores"
 ALIASES_DIR = "aliases"
 HASHES_DIR = "hashes"  # remembered SHA-256 digests of local model files (see pipeline.models.hub.content_hash)
 TOKENIZED_DIR = "tokenized"  # tokenized datasets, by content hash
+METRICS_DIR = "metrics"  # results of metrics jobs, by the stores' keys and the metric's parameters
 DATASETS_DIR = "datasets"  # Hugging Face datasets' Arrow copies of local data files (its cache_dir for them)
-ROOT_DIRS = (STORES_DIR, ALIASES_DIR, HASHES_DIR, TOKENIZED_DIR, DATASETS_DIR)  # everything actcache puts in a root
+ROOT_DIRS = (
+    STORES_DIR,
+    ALIASES_DIR,
+    HASHES_DIR,
+    TOKENIZED_DIR,
+    DATASETS_DIR,
+    METRICS_DIR,
+)  # everything actcache puts in a root
 STORE_SUFFIX = ".zarr"
 MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"

@@ -307,3 +307,13 @@ def test_catalog_never_imports_integrity() -> None:
     code = "import sys, cache.catalog; print('cache.integrity' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, **ENV}, capture_output=True)
     assert done.stdout.strip() == b"False", done.stderr
+
+
+def test_metrics_never_imports_pipeline() -> None:
+    """metrics/ sits beside pipeline/ on cache/: an analysis machine runs it without torch or transformers."""
+    for path in sorted((REPO / "metrics").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            heavy = [n for n in names if n.split(".")[0] in ("pipeline", "torch", "transformers")]
+            assert not heavy, f"{path.name} imports {heavy}"

@@ -1,0 +1,379 @@
+"""A metrics job: one or two stores in, `metrics.csv`, PNG plots and an HTML report out.
+
+`run_metrics(MetricsConfig(...))` opens the stores (key, alias, path or URL), works out
+languages, alignment and labels from their example metadata, runs each requested metric
+per layer, and writes the tidy table, the plots and the report under `out`. Each metric's
+rows are cached under the cache root by the stores' keys and the metric's parameters, so a
+rerun (or another `--out`) is a read of a small CSV.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cache.files import atomic_write_bytes
+from cache.keys import hash_value
+from cache.paths import cache_root, work_dir
+from metrics.cka import DEFAULT_CKA_MEMORY, cka_matrix
+from metrics.probes import DEFAULT_PROBE_MEMORY, probe_accuracy
+from metrics.retrieval import Alignment, retrieval_p1
+from metrics.rows import StoreRows
+from schemas import ConfigError
+from schemas.store import METRICS_DIR
+
+__all__ = ["COLUMNS", "METRICS", "MetricsConfig", "MetricsResult", "run_metrics"]
+
+COLUMNS = ("metric", "store", "store_b", "layer", "layer_b", "src_lang", "tgt_lang", "value")
+METRICS = ("retrieval", "cka", "probe")
+POOLINGS = ("mean", "first", "last")
+LANGUAGE_COLUMN = "language"
+LABEL_COLUMN = "label"
+FIELD_COLUMN = "field"
+AUTO_ALIGN = "id"  # where translations share it; else an item's index within its language (and field), as XNLI's
+BY_POSITION = "index within language"
+_VERSION = 1  # of the metrics' definitions: a change that alters values makes cached results stale
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """What `actcache metrics` runs. `store` (and `against`) as `open_activations` takes them.
+
+    `metrics` None: every metric the store's metadata allows (retrieval needs a `language`
+    column and aligned items, probes a column to predict). `layers` None: all stored.
+    """
+
+    store: str
+    out: str | os.PathLike[str]
+    against: str | None = None
+    metrics: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+    pooling: str = "mean"
+    center: bool = False  # retrieval: subtract each language's mean vector first
+    align_column: str | None = None  # None: `id` where translations share it, else `row`
+    folds: int = 5
+    seed: int = 0
+    cka_memory: int = DEFAULT_CKA_MEMORY
+    probe_memory: int = DEFAULT_PROBE_MEMORY
+    cache_dir: str | os.PathLike[str] | None = None
+    quiet: bool = False
+    use_cache: bool = True
+
+
+@dataclass
+class MetricsResult:
+    """Where the job wrote, its table (pandas), and which metrics were read from the cache."""
+
+    out: Path
+    table: Any
+    csv: Path
+    report: Path
+    plots: list[Path]
+    cached: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def run_metrics(config: MetricsConfig, *, say: Callable[[str], None] | None = None) -> MetricsResult:
+    """Run the job `config` describes; see the module docstring."""
+    import pandas as pd
+
+    from cache import open_activations
+
+    say = say or (lambda _: None)
+    _check(config)
+    root = cache_root(config.cache_dir)
+    with contextlib.ExitStack() as scope:
+        acts = scope.enter_context(open_activations(config.store, cache_dir=config.cache_dir))
+        other = (
+            scope.enter_context(open_activations(config.against, cache_dir=config.cache_dir))
+            if config.against
+            else None
+        )
+        if other is not None:
+            _same_examples(acts, other)
+        layers = _layers(acts, config.layers, config.pooling)
+        table = acts.examples
+        plan = _plan(config, table)
+        results: list[Any] = []
+        cached: list[str] = []
+        notes: list[str] = list(plan.notes)
+        for metric in plan.metrics:
+            params = _params(config, metric, plan, layers, acts, other)
+            memo = work_dir(root) / METRICS_DIR / f"{hash_value(params, length=32)}.csv"
+            if config.use_cache and memo.is_file():
+                rows = pd.read_csv(
+                    memo,
+                    keep_default_na=False,
+                    na_values={"value": [""]},
+                    dtype={"store_b": str, "src_lang": str, "tgt_lang": str},
+                )
+                cached.append(metric)
+            else:
+                with _bar(config, metric) as tick:
+                    rows = pd.DataFrame(_compute(metric, config, plan, acts, other, layers, tick), columns=COLUMNS)
+                memo.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(memo, rows.to_csv(index=False).encode(), durable=False)
+            say(f"{metric}: {len(rows)} rows{' (cached)' if metric in cached else ''}")
+            results.append(rows)
+        names = {acts.key: _name(acts)} | ({other.key: _name(other)} if other is not None else {})
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frame = pd.concat(results, ignore_index=True) if results else pd.DataFrame(columns=COLUMNS)
+    csv = out / "metrics.csv"
+    atomic_write_bytes(csv, frame.to_csv(index=False).encode(), durable=False)
+    from metrics.plots import plot_metrics
+    from metrics.report import write_report
+
+    pngs = plot_metrics(pd.concat([frame, _chance_rows(plan, table, _name(acts))], ignore_index=True), out)
+    facts = {
+        "store": f"{names[acts.key]} ({acts.key})",
+        **({"against": f"{names[other.key]} ({other.key})"} if other is not None else {}),
+        "examples": str(acts.n_examples),
+        "layers": ", ".join(str(v) for v in layers),
+        "pooling": config.pooling,
+        "alignment": plan.align or "-",
+        "languages": ", ".join(plan.languages) or "-",
+        "retrieval centring": "per-language mean subtracted" if config.center else "none",
+        "probes": f"{config.folds}-fold stratified, seed {config.seed}",
+        **{f"note {i + 1}": text for i, text in enumerate(notes)},
+    }
+    report = write_report(frame, pngs, out / "report.html", title=f"actcache metrics: {names[acts.key]}", facts=facts)
+    return MetricsResult(out, frame, csv, report, pngs, cached, notes)
+
+
+# -- planning -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    metrics: tuple[str, ...]
+    languages: tuple[str, ...]
+    align: str | None  # the alignment column used by retrieval
+    alignment: Alignment | None
+    probes: tuple[str, ...]  # metadata columns probed: language, label
+    notes: tuple[str, ...] = ()
+
+
+def _check(config: MetricsConfig) -> None:
+    unknown = [m for m in config.metrics or () if m not in METRICS]
+    if unknown:
+        raise ConfigError(f"unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)} (comma-separated)")
+    if config.pooling not in POOLINGS:
+        raise ConfigError(f"unknown pooling {config.pooling!r}; choose from {', '.join(POOLINGS)}")
+    if config.folds < 2:
+        raise ConfigError(f"--folds must be at least 2, got {config.folds}")
+
+
+def _plan(config: MetricsConfig, table: Any) -> _Plan:
+    """Which metrics run, on which metadata; explicit requests that cannot run are errors naming the fix."""
+    asked = config.metrics
+    wanted = asked or METRICS
+    columns = list(table.columns)
+    languages = tuple(sorted({str(v) for v in table[LANGUAGE_COLUMN]})) if LANGUAGE_COLUMN in columns else ()
+    metrics: list[str] = []
+    notes: list[str] = []
+    align, alignment = None, None
+
+    def cannot(metric: str, why: str, fix: str) -> None:
+        if asked:
+            raise ConfigError(f"cannot run {metric}: {why}. Fix: {fix}")
+        notes.append(f"{metric} skipped: {why}")
+
+    if "retrieval" in wanted:
+        if len(languages) < 2:
+            why = f"the examples have {'one language' if languages else 'no language column'}"
+            cannot(
+                "retrieval", why, "extract a dataset of several languages (a `language` column) or --metrics cka,probe"
+            )
+        else:
+            align = _align_column(config.align_column, table, columns)
+            alignment = _alignment(table, align)
+            if not (alignment.group >= 0).any() or _no_pairs(alignment):
+                why = f"no item shares its {align!r} value with an item of another language"
+                cannot("retrieval", why, "name the column translations share with --align-column")
+                alignment = None
+            else:
+                metrics.append("retrieval")
+    if "cka" in wanted:
+        metrics.append("cka")
+    probes: list[str] = []
+    if "probe" in wanted:
+        candidates = ([LANGUAGE_COLUMN] if len(languages) >= 2 else []) + (
+            [LABEL_COLUMN] if LABEL_COLUMN in columns and table[LABEL_COLUMN].notna().all() else []
+        )
+        for column in candidates:
+            counts = table[column].astype(str).value_counts()
+            if len(counts) < 2:
+                notes.append(f"probe_{column} skipped: every example has {column} {counts.index[0]!r}")
+            elif counts.min() < config.folds:
+                notes.append(
+                    f"probe_{column} skipped: {column} {counts.idxmin()!r} has {counts.min()} examples, fewer than "
+                    f"the {config.folds} folds (--folds)"
+                )
+            else:
+                probes.append(column)
+        if probes:
+            metrics.append("probe")
+        else:
+            why = "no column to predict has 2 classes of at least --folds examples each (language, label)"
+            cannot(
+                "probe",
+                why + (f"; {'; '.join(notes)}" if notes else ""),
+                "leave probes out (--metrics retrieval,cka) or lower --folds",
+            )
+    return _Plan(tuple(metrics), languages, align, alignment, tuple(probes), tuple(notes))
+
+
+def _align_column(asked: str | None, table: Any, columns: list[str]) -> str:
+    if asked is not None:
+        if asked not in columns:
+            raise ConfigError(
+                f"the examples have no column {asked!r} to align translations by; they have {columns}. "
+                "Fix: pass one of those to --align-column."
+            )
+        return asked
+    if AUTO_ALIGN in columns and not _no_pairs(_alignment(table, AUTO_ALIGN)):
+        return AUTO_ALIGN
+    return BY_POSITION
+
+
+def _alignment(table: Any, column: str) -> Alignment:
+    """Items align by `column`'s value (`BY_POSITION`: their index within their language), and by `field`
+    (premise with premise) where examples carry one."""
+    fields = table[FIELD_COLUMN] if FIELD_COLUMN in table.columns else None
+    if column == BY_POSITION:
+        by = [table[LANGUAGE_COLUMN]] + ([fields] if fields is not None else [])
+        values = table.groupby(by, sort=False).cumcount().tolist()
+    else:
+        values = table[column].tolist()
+    field_values = fields.tolist() if fields is not None else [None] * len(values)
+    keys = [None if v is None or v != v else (f, v) for v, f in zip(values, field_values, strict=True)]  # v != v: NaN
+    return Alignment.of([str(v) for v in table[LANGUAGE_COLUMN]], keys)
+
+
+def _no_pairs(alignment: Alignment) -> bool:
+    """Whether no alignment group has items in two languages."""
+    keyed = alignment.group >= 0
+    pairs = np.unique(np.stack([alignment.group[keyed], alignment.language[keyed]]), axis=1)
+    return not pairs.size or np.bincount(pairs[0]).max() < 2
+
+
+def _layers(acts: Any, asked: Sequence[int] | None, pooling: str) -> tuple[int, ...]:
+    """The stored layers asked for (all by default), as hidden-state indices; errors name the stored ones."""
+    for layer in asked or acts.layers[:1]:
+        acts.pooled(layer, pooling)  # lazy: reads nothing, raises naming what the store holds
+    n = acts.manifest.n_states
+    return tuple(dict.fromkeys(v % n for v in asked)) if asked is not None else tuple(acts.layers)
+
+
+def _same_examples(acts: Any, other: Any) -> None:
+    mine, theirs = acts.manifest.request["dataset"], other.manifest.request["dataset"]
+    if mine.get("content_hash") != theirs.get("content_hash") or acts.n_examples != other.n_examples:
+        raise ConfigError(
+            f"stores {acts.key} and {other.key} hold different examples ({acts.n_examples} from "
+            f"{mine.get('name')!r}, {other.n_examples} from {theirs.get('name')!r}); CKA between them compares "
+            "example by example. Fix: extract both models over the same data (same --data, --split, --limit)."
+        )
+
+
+def _name(acts: Any) -> str:
+    aliases = acts.manifest.aliases
+    return str(aliases[0]) if aliases else acts.key[:12]
+
+
+def _params(
+    config: MetricsConfig, metric: str, plan: _Plan, layers: tuple[int, ...], acts: Any, other: Any
+) -> dict[str, Any]:
+    """Everything a metric's rows depend on: its cache key."""
+    common = {
+        "version": _VERSION,
+        "metric": metric,
+        "store": acts.key,
+        "name": _name(acts),
+        "layers": list(layers),
+        "pooling": config.pooling,
+    }
+    if metric == "retrieval":
+        return common | {"center": config.center, "align": plan.align}
+    if metric == "cka":
+        return common | ({"against": other.key, "name_b": _name(other)} if other is not None else {})
+    probes = {"probes": list(plan.probes), "folds": config.folds, "seed": config.seed, "memory": config.probe_memory}
+    return common | probes
+
+
+# -- computing ----------------------------------------------------------------------------
+
+
+def _compute(
+    metric: str,
+    config: MetricsConfig,
+    plan: _Plan,
+    acts: Any,
+    other: Any,
+    layers: tuple[int, ...],
+    tick: Callable[[int], None],
+) -> Iterator[tuple[Any, ...]]:
+    name = _name(acts)
+    rows = [StoreRows(acts, layer, config.pooling) for layer in layers]
+    if metric == "retrieval":
+        assert plan.alignment is not None
+        for layer, vectors in zip(layers, rows, strict=True):
+            for (src, tgt), value in sorted(
+                retrieval_p1(vectors, plan.alignment, center=config.center, progress=tick).items()
+            ):
+                yield "retrieval_p1", name, "", layer, "", src, tgt, value
+    elif metric == "cka":
+        within = cka_matrix(rows, memory=config.cka_memory, progress=tick)
+        for i, j in np.ndindex(within.shape):
+            yield "cka", name, "", layers[i], layers[j], "", "", float(within[i, j])
+        if other is not None:
+            theirs = tuple(other.layers)
+            across = cka_matrix(
+                rows, [StoreRows(other, v, config.pooling) for v in theirs], memory=config.cka_memory, progress=tick
+            )
+            for i, j in np.ndindex(across.shape):
+                yield "cka", name, _name(other), layers[i], theirs[j], "", "", float(across[i, j])
+    else:
+        table = acts.examples
+        for column in plan.probes:
+            labels = table[column].astype(str).to_numpy()
+            for layer, features in zip(layers, rows, strict=True):
+                result = probe_accuracy(
+                    features, labels, folds=config.folds, seed=config.seed, memory=config.probe_memory, progress=tick
+                )
+                yield f"probe_{column}", name, "", layer, "", "", "", result.accuracy
+
+
+def _chance_rows(plan: _Plan, table: Any, name: str) -> Any:
+    """The majority class's share per probed column (`probe_<column>_chance`): the plots' chance lines."""
+    import pandas as pd
+
+    rows = [
+        (
+            f"probe_{column}_chance",
+            name,
+            "",
+            "",
+            "",
+            "",
+            "",
+            float(table[column].astype(str).value_counts(normalize=True).max()),
+        )
+        for column in plan.probes
+    ]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+@contextlib.contextmanager
+def _bar(config: MetricsConfig, metric: str) -> Iterator[Callable[[int], None]]:
+    from tqdm.auto import tqdm
+
+    with tqdm(desc=metric, unit="row", unit_scale=True, disable=config.quiet, file=sys.stderr, leave=False) as bar:
+        yield bar.update
