@@ -237,6 +237,9 @@ class Activations(StoreView):
             {column: self._metadata_column(name) for column, name in columns.items()},
             index=range(self.manifest.geometry.n_examples),
         )
+        if len(self.shards) == len(self.manifest.geometry.shards):  # every example: no copy of the table
+            table.index.name = "example"
+            return table
         rows = np.concatenate([np.arange(s.ex_start, s.ex_stop) for s in self.shards] or [np.zeros(0, int)])
         view = table.iloc[rows]
         view.index = pd.RangeIndex(len(view), name="example")

@@ -69,16 +69,18 @@ def retrieval_p1(
         best_at = np.full((q1 - q0, n_lang), -1, dtype=np.int64)
         for c0, c1 in spans:
             candidates = queries if (c0, c1) == (q0, q1) else _unit(vectors, c0, c1, alignment, means)
-            scores = queries @ candidates.T
-            in_block = alignment.language[c0:c1]
-            for target in np.unique(in_block):
-                columns = np.flatnonzero(in_block == target)
-                top = scores[:, columns]
-                arg = top.argmax(axis=1)
-                value = top[np.arange(len(arg)), arg]
+            # Candidates grouped by language (stably: within one, in row order), so each target
+            # language's scores are a slice of one product, not a gathered copy.
+            order = np.argsort(alignment.language[c0:c1], kind="stable")
+            grouped = alignment.language[c0:c1][order]
+            scores = queries @ candidates[order].T
+            targets, firsts = np.unique(grouped, return_index=True)
+            for target, lo, hi in zip(targets, firsts, [*firsts[1:], len(order)], strict=True):
+                arg = scores[:, lo:hi].argmax(axis=1)
+                value = scores[np.arange(len(arg)), lo + arg]
                 better = value > best[:, target]  # strictly: ties keep the earlier item, as argmax does
                 best[better, target] = value[better]
-                best_at[better, target] = c0 + columns[arg[better]]
+                best_at[better, target] = c0 + order[lo + arg[better]]
         _count(alignment, present, q0, q1, best_at, hits, counted)
         if progress is not None:
             progress(q1 - q0)
