@@ -166,8 +166,11 @@ def load_examples(spec: DatasetSpec, arrow_cache: Path | None = None) -> Example
             )
             for text, field in units:
                 record = dict(base) | ({"field": field} if field else {})
-                for name in [*metadata, *(k for k in record if k not in metadata)]:
-                    metadata.setdefault(name, [None] * len(texts)).append(record.get(name))
+                for name in record:
+                    if name not in metadata:  # a column first seen here: None for the examples before
+                        metadata[name] = [None] * len(texts)
+                for name, column in metadata.items():
+                    column.append(record.get(name))
                 texts.append(text)
                 hasher.update([text, record])
     return Examples(spec, texts, metadata, hasher.hexdigest(), revision)
