@@ -354,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         resume_data, uninterrupted = (data, median["actcache"]) if args.quick else (data4, seconds_4x)
         results["resume"] = resume_cost("minilm-l6", resume_data, tmp / "resume", uninterrupted)
         results |= side.result() if side is not None else {}
+        # The store path's ceiling with a zero-cost model, against the disk (bench/storepath.py; alone, it profiles).
+        from bench import storepath
+
+        (tmp / "storepath").mkdir()
+        results["storepath"] = storepath.measure(tmp / "storepath", quick=args.quick)
     print(table(results))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{results['date']}-{results['host']}{'-quick' if args.quick else ''}.json"
@@ -454,6 +459,10 @@ def table(r: dict[str, Any]) -> str:
     ]
     lines = [f"{r['texts']} texts, MiniLM-L6 (package weights), batch {BATCH}, median of {n_runs} run(s)", "",
              "| measure | value | target |", "|---|---|---|"]  # fmt: skip
+    if "storepath" in r:
+        from bench.storepath import table_rows
+
+        rows += table_rows(r["storepath"])
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     stages = r["stage_seconds"][-1]
     order = ("resolve", "tokenize", "load model", "open store", "run", "finalize", "writer (background)")

@@ -111,6 +111,7 @@ def extract(
     stop: StopFlag | None = None,
     hooks: RunHooks | None = None,
     client: Any = None,
+    runner: Any = None,
 ) -> ExtractResult:
     """Run (or resume, or find in the cache) one extraction; the store's path is printed last.
 
@@ -119,6 +120,9 @@ def extract(
     Neither is needed from Python: a KeyboardInterrupt there keeps every committed shard.
     `client` (a `distributed.Client`), like `cfg.workers` or `cfg.scheduler`, runs the shards
     as tasks on a Dask cluster (`pipeline.distributed`); the client is the caller's, left open.
+    `runner` is for benches and tests only: a loaded runner used instead of loading `cfg.model`
+    (`bench.standin`'s zero-cost stand-in). The key stays `cfg.model`'s, so the runner must compute
+    what that checkpoint would: the stand-in's checkpoint directory is its own, with its own key.
     """
     out = out or sys.stdout
     say = (lambda *a: None) if cfg.quiet else (lambda *a: print(*a, file=out, flush=True))
@@ -127,6 +131,8 @@ def extract(
     coerce_device(cfg.device)  # a device this machine lacks is an error even when the store is cached
     _check_summary_path(cfg.summary_json)  # before the run, not after the store is complete
     distributed = client is not None or cfg.workers is not None or bool(cfg.scheduler)
+    if distributed and runner is not None:
+        raise ConfigError("a runner given to extract() runs in this process: pass no client, workers or scheduler")
     root = ensure_writable(cache_root(cfg.cache_dir))
     side = work_dir(root)  # tokenized and Arrow copies, weight digests: local even when the stores are not
     dataset = resolve_dataset(
@@ -216,7 +222,7 @@ def extract(
                 "workers": cfg.workers or facts["workers"],
                 "scheduler": cfg.scheduler or facts["scheduler"],
             }
-        else:
+        elif runner is None:
             from pipeline.models import load_model
 
             runner = load_model(
@@ -229,6 +235,7 @@ def extract(
                 allow_pickle=cfg.allow_pickle,
                 prepared=resolved.prepared,
             )
+        if not distributed:
             has_logits, device = getattr(runner, "has_lm_head", True), str(runner.device)
             cluster_facts = {"workers": None, "scheduler": None}
         stages.lap("load model")

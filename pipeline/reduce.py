@@ -82,12 +82,21 @@ class Reducer:
         for stack in self.stacks:
             states = out.stacks()[stack]
             # Only the real tokens of the kept layers are gathered (no (L, B, S, H) copy); each
-            # example's tokens in order, examples back to back.
-            real = torch.stack([states[i][mask] for i in self.layers])  # (L, T, H)
-            stored = _storage_tensor(real, self.store_dtype)
+            # example's tokens in order, examples back to back. Each layer is gathered once and
+            # cast into place (no stacked copy at the model's dtype), its peak read on the way.
+            stored = torch.empty(
+                (len(self.layers), len(ids), states[0].shape[-1]),
+                dtype=getattr(torch, self.store_dtype),
+                device=mask.device,
+            )  # (L, T, H)
+            peaks = []
+            for j, i in enumerate(self.layers):
+                real = states[i][mask]
+                peaks.append(_peak(real))
+                stored[j] = real
             if self.token_level:
                 result.token_arrays[hidden_name(stack)] = _to_numpy(stored)
-            result.nonfinite[stack] = _nonfinite(real, stored)
+            result.nonfinite[stack] = _nonfinite(peaks, stored)
             for how in self.poolings[stack]:
                 pooled = torch.stack([_pool(states[i], mask, lengths, how) for i in self.layers])
                 result.example_arrays[pooled_name(stack, how)] = storage_array(pooled, self.store_dtype)
@@ -127,23 +136,30 @@ class Reducer:
         return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in chunks.items()}
 
 
-def _nonfinite(real: torch.Tensor, stored: torch.Tensor) -> list[int]:
+def _peak(values: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude in `values` (NaN if any is NaN; 0 when empty), read once with no copy."""
+    if not values.numel():
+        return values.new_zeros(())
+    low, high = torch.aminmax(values)
+    return torch.maximum(-low, high)
+
+
+def _nonfinite(peaks: list[torch.Tensor], stored: torch.Tensor) -> list[int]:
     """Per layer, how many stored values are NaN or infinite (overflow of the cast included).
 
-    Counting on float16 is slow on CPU; a layer whose largest magnitude is finite and fits
-    the stored dtype has none, which one max over the float32 values shows.
+    Counting on float16 is slow on CPU; a layer whose largest magnitude (`peaks`, of the
+    values before the cast) is finite and fits the stored dtype has none.
     """
-    peak = real.abs().flatten(1).amax(1) if real.numel() else real.new_zeros(real.shape[0])
-    fits = (peak <= torch.finfo(stored.dtype).max).tolist()  # NaN compares False
+    fits = (torch.stack(peaks).float() <= torch.finfo(stored.dtype).max).tolist()  # NaN compares False
     return [0 if ok else int((~torch.isfinite(layer)).sum()) for ok, layer in zip(fits, stored, strict=True)]
 
 
 def _pool(states: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:
     """(B, S, H) -> (B, H); pooled in float32. Zero-token examples pool to zeros."""
-    states = states.float()
     if how == "mean":  # a (B, 1, S) x (B, S, H) product: no masked copy of the states
+        states = states.float()
         sums = torch.bmm(mask.to(states.dtype).unsqueeze(1), states).squeeze(1)
         return sums / lengths.clamp(min=1).to(states.dtype)[:, None]
     index = torch.zeros_like(lengths) if how == "first" else (lengths - 1).clamp(min=0)
-    picked = states[torch.arange(states.shape[0], device=states.device), index]
-    return picked * (lengths > 0).to(states.dtype)[:, None]
+    picked = states[torch.arange(states.shape[0], device=states.device), index].float()  # (B, H) cast, not (B, S, H)
+    return picked * (lengths > 0).to(picked.dtype)[:, None]

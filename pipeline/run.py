@@ -89,7 +89,8 @@ def run_shards(
     def wait(held: list[ShardRange]) -> None:  # the rest is held by other live processes (or our writer thread)
         stats.shards_waited.extend(s.index for s in held if s.index not in stats.shards_waited)
         background.check()
-        time.sleep(_WAIT_SECONDS)
+        if not background.wait_idle(_WAIT_SECONDS):  # ours: go on the moment its commit is done
+            time.sleep(_WAIT_SECONDS)
 
     hooks.run_started()
     try:

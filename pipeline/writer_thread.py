@@ -56,6 +56,14 @@ class BackgroundWriter:
         self.check()
         self.queue.put(item)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the shard in hand to be committed; False if there was none."""
+        with self.queue.all_tasks_done:
+            if not self.queue.unfinished_tasks:
+                return False
+            self.queue.all_tasks_done.wait(timeout)
+            return True
+
     def check(self) -> None:
         """Raise the writer's error, if it had one (a full disk as `StoreFullError` naming the space needed)."""
         if self.error is None:
