@@ -202,7 +202,7 @@ def alignment_of(table: Any, n: int) -> Any:
 
 
 def language_labels(table: Any) -> np.ndarray:
-    return np.asarray(table["language"].astype(str).to_numpy())
+    return np.asarray(table["language"].cat.codes.to_numpy())  # a categorical column: integers, no strings
 
 
 def vm_hwm_kib() -> int:

@@ -78,6 +78,22 @@ def open_activations(
     return Activations(path, manifest, tuple(shards))
 
 
+def _compact(values: np.ndarray) -> Any:
+    """A column of strings that repeat (language, field, an id shared by translations) as a pandas
+    Categorical: one string object per distinct value, not one per example (the table of a million
+    examples is then tens of MB, not hundreds)."""
+    import pandas as pd
+
+    if values.dtype.kind not in "OT" or not len(values):  # T: numpy's StringDType, what zarr decodes strings to
+        return values
+    if values.dtype.kind == "O" and not all(isinstance(v, str) for v in values):
+        return values
+    uniques, codes = np.unique(values, return_inverse=True)  # in numpy: no Python string per example
+    if len(uniques) > len(values) // 2:
+        return values
+    return pd.Categorical.from_codes(codes.astype(np.int32), categories=uniques.tolist())
+
+
 @dataclass(frozen=True)
 class Example:
     """One example's ragged slice: its tokens and, per stack, (layer, n_tokens, hidden) states."""
@@ -234,8 +250,9 @@ class Activations(StoreView):
 
         columns: dict[str, str] = root_attributes(self._group).get("metadata_columns", {})
         table = pd.DataFrame(
-            {column: self._metadata_column(name) for column, name in columns.items()},
+            {column: _compact(self._metadata_column(name)) for column, name in columns.items()},
             index=range(self.manifest.geometry.n_examples),
+            copy=False,
         )
         if len(self.shards) == len(self.manifest.geometry.shards):  # every example: no copy of the table
             table.index.name = "example"

@@ -343,12 +343,24 @@ def _compute(
     else:
         table = acts.examples
         for column in plan.probes:
-            labels = table[column].astype(str).to_numpy()
+            labels = _codes(table[column])
             for layer, features in zip(layers, rows, strict=True):
                 result = probe_accuracy(
                     features, labels, folds=config.folds, seed=config.seed, memory=config.probe_memory, progress=tick
                 )
                 yield f"probe_{column}", name, "", layer, "", "", "", result.accuracy
+
+
+def _codes(column: Any) -> np.ndarray:
+    """A column's classes as integers, in the order of its values as text (no string object per example)."""
+    import pandas as pd
+
+    if not isinstance(column.dtype, pd.CategoricalDtype):
+        column = column.astype(str).astype("category")
+    order = np.argsort(np.asarray(column.cat.categories, dtype=str))  # as text, as the classes' names sort
+    rank = np.empty(len(order), dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    return rank[column.cat.codes.to_numpy()]
 
 
 def _chance_rows(plan: _Plan, table: Any, name: str) -> Any:
