@@ -1,0 +1,346 @@
+"""Scale (issue 16): set-up, run, cache hit and reads from 10 thousand to a million examples.
+
+    .venv/bin/python -m bench.scale [--quick] [--rows 10000,100000,1000000] [--budget-s 600] [--no-profile]
+
+Synthetic short multilingual texts (3-60 words, mostly short, words drawn from the shipped
+sample's 15 languages; `id` and `language` columns) in a .jsonl, through a tiny random BERT
+(`tests.factory.save_tiny("bert")`), `--batch-size 128 --logits topk:5`. For each row count:
+`actcache extract` as a whole process (seconds per stage from --summary-json, padding share,
+peak RSS), the same command again (a cache hit), then opening the store, reading its examples
+table and `actcache ls`. A row count whose estimate (the last one's cost, scaled by rows) would
+take the whole bench past --budget-s is skipped, and said so. Then, at the largest size whose
+resolve + tokenize took over 5 s (else the largest run), the set-up is profiled in-process
+(cProfile, top 30 by cumulative time): `extract` on a cache hit, and resolve + tokenize + plan
+with the tokenized copy cached. The padding share at batch 32 and 128 is recomputed from the
+stored lengths with the run's own batching (longest first inside a shard), beside what batches
+formed by a token budget, or sorted across a window of shards, would pad.
+
+Prints JSON and a markdown table; writes bench/results/<date>-<host>-scale[-quick].json.
+--quick is a smoke run at 2,000 rows (well under a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime as dt
+import io
+import json
+import os
+import pstats
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.run import REPO, timed
+
+SAMPLE = REPO / "pipeline" / "data" / "xnli_sample.jsonl"
+BATCH = 128
+LOGITS = "topk:5"
+DEFAULT_ROWS = (10_000, 100_000, 1_000_000)
+QUICK_ROWS = (2_000,)
+PROFILE_OVER_S = 5.0  # profile the largest size whose resolve + tokenize took longer than this
+STAGES = ("resolve", "tokenize", "load model", "open store", "run", "finalize")
+
+
+def word_pools() -> dict[str, list[str]]:
+    """Words of each of the sample's 15 languages (pairs of characters where a script has no spaces)."""
+    pools: dict[str, list[str]] = {}
+    for line in SAMPLE.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        for field in ("premise", "hypothesis"):
+            text = row[field]
+            words = text.split() if " " in text else [text[i : i + 2] for i in range(0, len(text), 2)]
+            pools.setdefault(row["language"], []).extend(words)
+    return {language: sorted(set(words)) for language, words in sorted(pools.items())}
+
+
+def write_rows(path: Path, n: int, seed: int = 0) -> dict[str, Any]:
+    """`n` rows {"id", "language", "text"}: 3-60 words, log-normal around 6 (most short, a long tail)."""
+    rng = np.random.default_rng(seed)
+    pools = word_pools()
+    languages = list(pools)
+    lang = rng.integers(len(languages), size=n)
+    words = np.clip(np.rint(np.exp(rng.normal(np.log(6), 0.6, size=n))), 3, 60).astype(np.int64)
+    picks = rng.random(int(words.sum()))
+    ends = np.cumsum(words)
+    with path.open("w", encoding="utf-8") as out:
+        for i in range(n):
+            pool = pools[languages[lang[i]]]
+            chosen = (picks[ends[i] - words[i] : ends[i]] * len(pool)).astype(np.int64)
+            text = " ".join(pool[j] for j in chosen)
+            out.write(json.dumps({"id": f"s{i:08d}", "language": languages[lang[i]], "text": text}, ensure_ascii=False))
+            out.write("\n")
+    return {"words_mean": float(words.mean()), "words_max": int(words.max()), "bytes": path.stat().st_size}
+
+
+def extract_cmd(model: Path, data: Path, cache: Path) -> list[str]:
+    """bench.run's `extract_cmd` at this bench's batch size and logits."""
+    cache.mkdir(parents=True, exist_ok=True)
+    return [
+        sys.executable, "-m", "pipeline", "extract", "--model", str(model), "--data", str(data),
+        "--cache-dir", str(cache), "--batch-size", str(BATCH), "--logits", LOGITS, "--quiet",
+        "--summary-json", str(cache / "summary.json"),
+    ]  # fmt: skip
+
+
+def padding(lengths: np.ndarray, shards: list[tuple[int, int]], batch: int) -> float:
+    """The run's batching (pipeline/run.py `run_shard`): longest first inside each shard, `batch` at a time."""
+    computed = 0
+    for start, stop in shards:
+        ordered = np.sort(lengths[start:stop])[::-1]
+        computed += int(
+            ordered[::batch].astype(np.int64) @ np.diff(np.r_[np.arange(0, len(ordered), batch), len(ordered)])
+        )
+    return 1 - int(lengths.sum()) / computed if computed else 0.0
+
+
+def padding_token_budget(lengths: np.ndarray, shards: list[tuple[int, int]], budget: int) -> float:
+    """Longest first inside each shard, a batch closed once (members x its longest) would pass `budget` tokens."""
+    computed = 0
+    for start, stop in shards:
+        ordered = np.sort(lengths[start:stop])[::-1]
+        i = 0
+        while i < len(ordered):
+            members = max(1, budget // max(1, int(ordered[i])))
+            computed += int(ordered[i]) * len(ordered[i : i + members])
+            i += members
+    return 1 - int(lengths.sum()) / computed if computed else 0.0
+
+
+def padding_figures(lengths: np.ndarray, shards: list[tuple[int, int]]) -> dict[str, float]:
+    """Padding share: as run (batch 32, 128), by token budget, sorted across 8 shards, and over the whole set."""
+    windows = [(shards[i][0], shards[min(i + 8, len(shards)) - 1][1]) for i in range(0, len(shards), 8)]
+    mean = float(lengths.mean()) if len(lengths) else 1.0
+    return {
+        "batch32": padding(lengths, shards, 32),
+        "batch128": padding(lengths, shards, 128),
+        "budget32_tokens": padding_token_budget(lengths, shards, round(32 * mean)),
+        "budget128_tokens": padding_token_budget(lengths, shards, round(128 * mean)),
+        "batch32_window8": padding(lengths, windows, 32),
+        "batch128_window8": padding(lengths, windows, 128),
+        "batch128_global_sort": padding(lengths, [(0, len(lengths))], 128),
+        "shard_examples_mean": float(np.mean([b - a for a, b in shards])),
+    }
+
+
+def read_costs(store: Path, cache: Path) -> dict[str, Any]:
+    """Open the store, read its examples table, list the cache: in this process, and `actcache ls` as one."""
+    import pandas  # noqa: F401  (imports are start-up, not the read)
+
+    from cache import list_stores, open_activations
+
+    t = time.perf_counter()
+    open_activations(str(store))
+    first = time.perf_counter() - t  # the first in this process imports the readers (dask, zarr)
+    t = time.perf_counter()
+    acts = open_activations(str(store))
+    opened = time.perf_counter() - t
+    t = time.perf_counter()
+    table = acts.examples
+    examples = time.perf_counter() - t
+    t = time.perf_counter()
+    list_stores(cache)
+    listed = time.perf_counter() - t
+    ls_s, ls_rss = timed([sys.executable, "-m", "pipeline", "ls", "--cache-dir", str(cache)])
+    lengths = np.diff(np.asarray(acts.offsets.compute()))
+    shards = [(s.ex_start, s.ex_stop) for s in acts.manifest.geometry.shards]
+    return {
+        "open_first_s": first,
+        "open_s": opened,
+        "examples_s": examples,
+        "examples_columns": list(map(str, table.columns)),
+        "list_stores_s": listed,
+        "ls_process_s": ls_s,
+        "ls_rss_kib": ls_rss,
+        "padding": padding_figures(lengths, shards),
+        "tokens_mean": float(lengths.mean()),
+        "tokens_max": int(lengths.max()),
+    }
+
+
+def measure(rows: int, model: Path, tmp: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    data, cache = tmp / f"rows{rows}.jsonl", tmp / f"cache{rows}"
+    t = time.perf_counter()
+    figures: dict[str, Any] = {"rows": rows, "data": write_rows(data, rows)}
+    figures["write_data_s"] = time.perf_counter() - t
+    cmd = extract_cmd(model, data, cache)
+    figures["extract_s"], figures["extract_rss_kib"] = timed(cmd)
+    summary = json.loads((cache / "summary.json").read_text())
+    figures["summary"] = summary
+    figures["hit_s"], figures["hit_rss_kib"] = timed(cmd)
+    hit = json.loads((cache / "summary.json").read_text())
+    if not hit.get("cache_hit"):
+        raise RuntimeError(f"the rerun at {rows} rows was not a cache hit: {hit}")
+    figures["hit_seconds_in_process"] = hit["seconds"]
+    figures |= read_costs(Path(summary["path"]), cache)
+    figures["measure_s"] = time.perf_counter() - started
+    return figures
+
+
+def profile_setup(rows: int, model: Path, tmp: Path, top: int = 30) -> dict[str, Any]:
+    """cProfile of `extract` on a cache hit, and of resolve + tokenize + plan (tokenized copy cached)."""
+    from cache import cache_root
+    from cache.paths import work_dir
+    from pipeline.datasets import resolve_dataset
+    from pipeline.extract import ExtractConfig, extract
+    from pipeline.plan import DEFAULT_SHARD_TOKENS, plan
+    from pipeline.resolve import resolve
+    from pipeline.tokenize import tokenize_examples
+    from schemas import OutputSpec
+    from schemas.store import TOKENIZED_DIR
+
+    data, cache = tmp / f"rows{rows}.jsonl", tmp / f"cache{rows}"
+    cfg = ExtractConfig(
+        model=str(model), data=str(data), cache_dir=str(cache), batch_size=BATCH, logits=LOGITS, quiet=True
+    )
+
+    def setup() -> None:
+        side = work_dir(cache_root(str(cache)))
+        resolved = resolve(str(model), resolve_dataset(str(data)), OutputSpec(logits=LOGITS), cache_dir=side)
+        tokenized = tokenize_examples(
+            resolved.examples,
+            resolved.prepared.tokenizer,
+            max_length=resolved.prepared.max_length,
+            cache_dir=side / TOKENIZED_DIR,
+            tok_hash=resolved.tokenizer_hash,
+        )
+        plan(tokenized.lengths, shard_tokens=DEFAULT_SHARD_TOKENS, hidden=resolved.hidden_size, store_dtype="float16")
+
+    result: dict[str, Any] = {"rows": rows}
+    extract(cfg, out=io.StringIO())  # imports and first-use costs out of the profiles
+    for name, call in (("cache_hit", lambda: extract(cfg, out=io.StringIO())), ("setup", setup)):
+        profiler = cProfile.Profile()
+        t = time.perf_counter()
+        profiler.runcall(call)
+        result[f"{name}_s"] = time.perf_counter() - t
+        for key in ("cumulative", "tottime"):
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(top if key == "cumulative" else 15)
+            result[f"{name}_{key}"] = _short_paths(text.getvalue())
+    return result
+
+
+def _short_paths(text: str) -> str:
+    """Profile lines with paths relative to the repository, or to site-packages for libraries."""
+    import sysconfig
+
+    return text.replace(str(REPO) + os.sep, "").replace(sysconfig.get_paths()["purelib"] + os.sep, "")
+
+
+def table(r: dict[str, Any]) -> str:
+    head = (
+        "| rows | tokens | write data s | resolve | tokenize | load model | open store | run | finalize | extract s "
+        "| run tok/s | padding (run) | peak RSS MiB | cache hit s | hit RSS MiB | open ms | examples ms "
+        "| ls (process) s | list_stores ms |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for f in r["sizes"]:
+        s = f["summary"]
+        stages = s["stage_seconds"]
+        rate = s["tokens"] / stages["run"] if stages.get("run") else float("nan")
+        lines.append(
+            f"| {f['rows']:,} | {s['tokens']:,} | {f['write_data_s']:.1f} | "
+            + " | ".join(f"{stages.get(k, float('nan')):.2f}" for k in STAGES)
+            + f" | {f['extract_s']:.1f} | {rate:,.0f} | {100 * s['padding_share']:.1f}%"
+            f" | {f['extract_rss_kib'] / 1024:.0f}"
+            f" | {f['hit_s']:.2f} | {f['hit_rss_kib'] / 1024:.0f} | {1000 * f['open_s']:.0f} | "
+            f"{1000 * f['examples_s']:.0f} | {f['ls_process_s']:.2f} | {1000 * f['list_stores_s']:.0f} |"
+        )
+    lines += ["", "| rows | set-up s per 1M rows (resolve+tokenize+open store) | cache hit s per 1M rows "
+              "beyond the smallest size's (start-up) |", "|---|---|---|"]  # fmt: skip
+    first = r["sizes"][0] if r["sizes"] else {}
+    for f in r["sizes"]:
+        stages = f["summary"]["stage_seconds"]
+        setup = sum(stages.get(k, 0.0) for k in ("resolve", "tokenize", "open store"))
+        extra = f["rows"] - first["rows"]
+        beyond = f"{1e6 * (f['hit_s'] - first['hit_s']) / extra:.1f}" if extra else "-"
+        lines.append(f"| {f['rows']:,} | {1e6 * setup / f['rows']:.1f} | {beyond} |")
+    lines += ["", "| rows | padding: batch 32 / 128 as run | token budget 32 / 128 x mean | sorted over 8 shards, "
+              "batch 32 / 128 | whole set sorted, 128 | examples per shard |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for f in r["sizes"]:
+        p = f["padding"]
+        lines.append(
+            f"| {f['rows']:,} | {100 * p['batch32']:.1f}% / {100 * p['batch128']:.1f}% | "
+            f"{100 * p['budget32_tokens']:.1f}% / {100 * p['budget128_tokens']:.1f}% | "
+            f"{100 * p['batch32_window8']:.1f}% / {100 * p['batch128_window8']:.1f}% | "
+            f"{100 * p['batch128_global_sort']:.1f}% | {p['shard_examples_mean']:.0f} |"
+        )
+    lines += [f"skipped: {s}" for s in r["skipped"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run at 2,000 rows")
+    parser.add_argument("--rows", help="comma-separated row counts (default 10000,100000,1000000)")
+    parser.add_argument("--budget-s", type=float, default=600.0, help="skip a size whose estimate passes this")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the cProfile of set-up")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args(argv)
+    sizes = (
+        [int(n) for n in args.rows.replace("_", "").split(",") if n]
+        if args.rows
+        else list(QUICK_ROWS if args.quick else DEFAULT_ROWS)
+    )
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "host": socket.gethostname(),
+        "quick": args.quick,
+        "cpus": os.cpu_count(),
+        "batch_size": BATCH,
+        "logits": LOGITS,
+        "model": "tests.factory tiny BERT (hidden 32, 2 layers, vocab 300, max length 64)",
+        "sizes": [],
+        "skipped": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="actcache-bench-scale-") as tmp_name:
+        tmp = Path(tmp_name)
+        from tests.factory import save_tiny
+
+        model = save_tiny("bert", tmp / "tiny-bert")
+        for rows in sorted(sizes):
+            done = results["sizes"]
+            if done:
+                last = done[-1]
+                estimate = last["measure_s"] * rows / last["rows"]
+                spent = time.perf_counter() - started
+                if spent + estimate > args.budget_s:
+                    results["skipped"].append(
+                        f"{rows:,} rows: estimated {estimate:.0f} s from {last['rows']:,} rows "
+                        f"({last['measure_s']:.0f} s, scaled by rows), {spent:.0f} s spent, "
+                        f"budget {args.budget_s:.0f} s"
+                    )
+                    continue
+            print(f"{rows:,} rows ...", file=sys.stderr, flush=True)
+            done.append(measure(rows, model, tmp))
+        if args.profile and results["sizes"]:
+            slow = [
+                f
+                for f in results["sizes"]
+                if f["summary"]["stage_seconds"]["resolve"] + f["summary"]["stage_seconds"]["tokenize"] > PROFILE_OVER_S
+            ]
+            chosen = (slow or results["sizes"])[-1]["rows"]
+            print(f"profiling set-up at {chosen:,} rows ...", file=sys.stderr, flush=True)
+            results["profile"] = profile_setup(chosen, model, tmp)
+            results["profile"]["over_5s"] = bool(slow)
+    results["total_s"] = time.perf_counter() - started
+    print(json.dumps(results, indent=1, sort_keys=True))
+    print()
+    print(table(results))
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{results['date']}-{results['host']}-scale{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    print(f"\nraw figures: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
