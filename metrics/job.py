@@ -193,9 +193,8 @@ def _plan(config: MetricsConfig, table: Any) -> _Plan:
                 "retrieval", why, "extract a dataset of several languages (a `language` column) or --metrics cka,probe"
             )
         else:
-            align = _align_column(config.align_column, table, columns)
-            alignment = _alignment(table, align)
-            if not (alignment.group >= 0).any() or _no_pairs(alignment):
+            align, alignment = _aligned(config.align_column, table, columns)
+            if _no_pairs(alignment):
                 why = f"no item shares its {align!r} value with an item of another language"
                 cannot("retrieval", why, "name the column translations share with --align-column")
                 alignment = None
@@ -231,17 +230,18 @@ def _plan(config: MetricsConfig, table: Any) -> _Plan:
     return _Plan(tuple(metrics), languages, align, alignment, tuple(probes), tuple(notes))
 
 
-def _align_column(asked: str | None, table: Any, columns: list[str]) -> str:
+def _aligned(asked: str | None, table: Any, columns: list[str]) -> tuple[str, Alignment]:
+    """The alignment column (asked, else `id` where translations share it, else `BY_POSITION`) and its alignment."""
     if asked is not None:
         if asked not in columns:
             raise ConfigError(
                 f"the examples have no column {asked!r} to align translations by; they have {columns}. "
                 "Fix: pass one of those to --align-column."
             )
-        return asked
-    if AUTO_ALIGN in columns and not _no_pairs(_alignment(table, AUTO_ALIGN)):
-        return AUTO_ALIGN
-    return BY_POSITION
+        return asked, _alignment(table, asked)
+    if AUTO_ALIGN in columns and not _no_pairs(by_id := _alignment(table, AUTO_ALIGN)):
+        return AUTO_ALIGN, by_id
+    return BY_POSITION, _alignment(table, BY_POSITION)
 
 
 def _alignment(table: Any, column: str) -> Alignment:
