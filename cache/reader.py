@@ -9,6 +9,7 @@ logical token axis (no gaps between shards, no padding anywhere): example i is t
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -78,20 +79,32 @@ def open_activations(
     return Activations(path, manifest, tuple(shards))
 
 
-def _compact(values: np.ndarray) -> Any:
-    """A column of strings that repeat (language, field, an id shared by translations) as a pandas
-    Categorical: one string object per distinct value, not one per example (the table of a million
-    examples is then tens of MB, not hundreds)."""
+def _text_column(chunks: Iterable[np.ndarray], n: int) -> Any:
+    """A text column read chunk by chunk. Where values repeat (language, field, an id shared by
+    translations) it is a pandas Categorical with sorted categories: one string object per distinct
+    value, not one per example, and one chunk's strings decoded at a time (the table of a million
+    examples is then tens of MB, not hundreds). Mostly distinct values stay strings."""
     import pandas as pd
 
-    if values.dtype.kind not in "OT" or not len(values):  # T: numpy's StringDType, what zarr decodes strings to
-        return values
-    if values.dtype.kind == "O" and not all(isinstance(v, str) for v in values):
-        return values
-    uniques, codes = np.unique(values, return_inverse=True)  # in numpy: no Python string per example
-    if len(uniques) > len(values) // 2:
-        return values
-    return pd.Categorical.from_codes(codes.astype(np.int32), categories=uniques.tolist())
+    vocabulary: dict[str, int] = {}
+    codes = np.empty(n, dtype=np.int32)
+    distinct: list[np.ndarray] = []  # the chunks as read, once most values have proved distinct
+    start = 0
+    for values in chunks:
+        if distinct or len(vocabulary) > n // 2:
+            distinct.append(values)
+            continue
+        local, uniques = pd.factorize(values)  # hashing, in C
+        lookup = np.array([vocabulary.setdefault(str(u), len(vocabulary)) for u in uniques], dtype=np.int32)
+        codes[start : start + len(values)] = lookup[local]
+        start += len(values)
+    names = np.array(list(vocabulary), dtype=object)
+    if distinct or len(vocabulary) > n // 2:
+        return np.concatenate([names[codes[:start]].astype(np.dtypes.StringDType()), *distinct])
+    order = np.argsort(names)
+    rank = np.empty(len(order), dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    return pd.Categorical.from_codes(rank[codes], categories=names[order].tolist())
 
 
 @dataclass(frozen=True)
@@ -250,7 +263,7 @@ class Activations(StoreView):
 
         columns: dict[str, str] = root_attributes(self._group).get("metadata_columns", {})
         table = pd.DataFrame(
-            {column: _compact(self._metadata_column(name)) for column, name in columns.items()},
+            {column: self._metadata_column(name) for column, name in columns.items()},
             index=range(self.manifest.geometry.n_examples),
             copy=False,
         )
@@ -262,14 +275,17 @@ class Activations(StoreView):
         view.index = pd.RangeIndex(len(view), name="example")
         return view
 
-    def _metadata_column(self, name: str) -> np.ndarray:
+    def _metadata_column(self, name: str) -> Any:
         """A metadata column, whole: written once at creation, so a lost chunk file is corruption, not fill."""
         array: Any = self._group[name]
         fix = "Fix: remove the store (actcache rm) and extract again; its metadata is written only at creation."
         if array.nchunks_initialized < array.nchunks:
             raise StoreCorruptError(f"store {self.key}, metadata array {name!r} has lost chunk files. {fix}")
         try:
-            return np.asarray(array[:])
+            if array.dtype.kind not in "OTU":  # numbers, already compact
+                return np.asarray(array[:])
+            step, n = int(array.chunks[0]), int(array.shape[0])
+            return _text_column((np.asarray(array[i : i + step]) for i in range(0, n, step)), n)
         except ValueError as exc:  # what zarr's crc32c codec raises on a corrupt chunk
             raise StoreCorruptError(f"store {self.key}, metadata array {name!r} fails its checksum. {fix}") from exc
 

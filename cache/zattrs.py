@@ -66,12 +66,18 @@ def compressors(dtype: str) -> list[Any]:
     return [Crc32cCodec()]
 
 
+# Decoding a text chunk makes a Python string per value on the way (~100 B each): a reader's peak
+# memory for the examples table is one chunk of these, so they are kept short.
+TEXT_CHUNK = 65_536
+
+
 def _static(group: Any, name: str, values: np.ndarray, dims: tuple[str, ...], description: str) -> None:
     """A small array written whole at creation (a coordinate, the shard table, a metadata column)."""
     text = values.dtype.kind in "OUS"
     array = group.create_array(
         name,
         shape=values.shape,
+        chunks=(max(1, min(len(values), TEXT_CHUNK)),) if text else "auto",
         dtype=str if text else values.dtype,
         compressors=compressors("str" if text else values.dtype.name),
         fill_value="" if text else (-1 if values.dtype.kind in "iu" else np.nan),

@@ -30,6 +30,7 @@ from cache import (
     remove_store,
     verify,
     views,
+    zattrs,
 )
 from cache import claims as claims_module
 from cache.chunkio import ChunkFiles
@@ -669,3 +670,17 @@ def test_gc_refuses_an_age_below_zero_or_not_finite(_cache_root: Path, age: floa
     with pytest.raises(ConfigError, match="0 days or more"):
         gc(older_than_days=age)
     assert fresh.path.exists()
+
+
+def test_examples_table_is_decoded_a_text_chunk_at_a_time(_cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over text chunks of 4 values, the table equals what was written: repeating text as a categorical
+    with sorted categories, text found mostly distinct midway (`id`) as plain strings."""
+    monkeypatch.setattr(zattrs, "TEXT_CHUNK", 4)
+    writer, data = complete_store(_cache_root)
+    assert zarr.open_array(store=writer.path / "language", mode="r").chunks == (4,)
+    table = open_activations(writer.key).examples
+    assert table["language"].dtype == "category"
+    assert list(table["language"].cat.categories) == sorted(set(data.examples["language"]))
+    assert table["id"].dtype != "category"
+    for column, values in data.examples.items():
+        assert table[column].tolist() == values, column
