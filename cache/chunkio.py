@@ -1,15 +1,18 @@
-"""Reading whole chunks of a store array straight from their files, checksum checked, into the caller's buffer.
+"""Whole chunks of a store array straight to and from their files: read checksum checked into the
+caller's buffer, written encoded as zarr encodes them.
 
-Only the read path is hand-written, and only because it pays: a layer of MiniLM hidden
-states (74,728 x 384 float16, 37 chunks) reads at 4.7-6.9 GB/s here against zarr's own
-0.4-2.9 GB/s (per-chunk event-loop hops and copies), 2-4x, measured side by side in one
-run (`make bench` keeps the ratio). Writes go through zarr (as fast, measured).
+Hand-written because it pays: a layer of MiniLM hidden states (74,728 x 384 float16, 37
+chunks) reads at 4.7-6.9 GB/s here against zarr's own 0.4-2.9 GB/s (per-chunk event-loop
+hops and copies), 2-4x, measured side by side in one run (`make bench` keeps the ratio).
+Local writes skip zarr's per-chunk machinery (a mkdir, a temp file, a rename and a random
+name per chunk, one encode at a time) and read no checksum back: see `write_rows`.
 Object stores are read the same way, one GET a chunk, so a missing or corrupt chunk is the
-same error there. For the codec chains the store uses (bytes + Blosc + crc32c; bytes + crc32c is read too)
-a chunk file is the chunk's little-endian bytes, Blosc-framed or not, followed by the
-CRC32C of those bytes (4 bytes, little-endian). Any other chain gets `None` from
+same error there; they are written through zarr (one PUT a chunk). For the codec chains the
+store uses (bytes + Blosc + crc32c; bytes + crc32c too) a chunk file is the chunk's
+little-endian bytes, Blosc-framed or not, followed by the CRC32C of those bytes (4 bytes,
+little-endian). Any other chain gets `None` from
 `ChunkFiles.of` and callers go through zarr. Tests compare this path with zarr's reads
-for every chain and dtype the store writes.
+for every chain and dtype the store writes, and its chunk files with zarr's, byte for byte.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +33,7 @@ from cache.paths import is_local
 from schemas import StoreCorruptError
 from schemas.store import chunk_key
 
-__all__ = ["ChunkFiles", "ReadPool"]
+__all__ = ["ChunkFiles", "ChunkPool"]
 
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
@@ -46,10 +49,10 @@ class ChunkFiles:
     fill: Any
     codec: Any  # numcodecs.Blosc, or None for uncompressed chunks
     local: bool = True  # False: `directory` is an fsspec path (an object store), read through fsspec
-    pool: ReadPool | None = field(default=None, compare=False)  # decodes several chunks at once; None: one by one
+    pool: ChunkPool | None = field(default=None, compare=False)  # decodes several chunks at once; None: one by one
 
     @classmethod
-    def of(cls, array: Any, directory: Path, lead: int, pool: ReadPool | None = None) -> ChunkFiles | None:
+    def of(cls, array: Any, directory: Path, lead: int, pool: ChunkPool | None = None) -> ChunkFiles | None:
         """For a zarr v3 array stored at `directory`; None when its codecs are not bytes [+ Blosc] + crc32c."""
         from numcodecs import Blosc
         from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
@@ -112,13 +115,63 @@ class ChunkFiles:
                 whole = np.frombuffer(self.codec.decode(frame), dtype=self.dtype).reshape(step, *trailing)
                 target[...] = whole[lo - c * step : hi - c * step]
 
-        along = range(start // step, -(-stop // step))
-        if len(along) > 1 and self.pool is not None:
-            self.pool.run(one, along)
-        else:
-            for c in along:
-                one(c)
+        self._each(one, range(start // step, -(-stop // step)))
         return out
+
+    def write_rows(self, block: np.ndarray, start: int, stop: int) -> dict[str, str]:
+        """Write the chunks covering rows [start, stop) of the split axis, at every leading index, from `block`
+        (all leading indices; its rows from `start`, as many as it has); rows past its end are the fill.
+
+        Each chunk is encoded as zarr encodes it (its bytes, Blosc, CRC32C) and written in
+        place, several at a time on the pool's threads (Blosc and writes release the GIL).
+        In place, not through a temp file: a shard's chunks count only once its marker is
+        written after them, so a torn one is never read. Returns each chunk key's CRC32C as
+        stored (the file's last 4 bytes, hex), so nothing is read back.
+        """
+        step = self.chunks[self.lead]
+        trailing = self.chunks[self.lead + 1 :]
+        rows = block.shape[self.lead]
+        tail = (0,) * len(trailing)
+        jobs = [
+            (index, c)
+            for index in np.ndindex(*block.shape[: self.lead])
+            for c in range(start // step, -(-stop // step))
+        ]
+        sums: dict[str, str] = {}
+
+        def one(job: tuple[tuple[int, ...], int]) -> None:
+            index, c = job
+            lo, hi = c * step - start, min((c + 1) * step - start, rows)
+            chunk = block[index][max(lo, 0) : max(hi, 0)]
+            if len(chunk) < step or not chunk.flags.c_contiguous:
+                whole = np.full((step, *trailing), self.fill, dtype=self.dtype)
+                whole[: len(chunk)] = chunk
+                chunk = whole
+            raw = chunk.astype(self.dtype, copy=False).view(np.uint8).reshape(-1)
+            body = self.codec.encode(raw) if self.codec is not None else raw
+            crc = _crc32c(body).to_bytes(4, "little")
+            coords = (*index, c, *tail)
+            path = self.path(coords)
+            try:
+                fh = open(path, "wb")
+            except FileNotFoundError:  # a new chunk's directory: made once, not tried before every write
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fh = open(path, "wb")
+            with fh:
+                fh.write(body)
+                fh.write(crc)
+            sums[chunk_key(coords)] = crc.hex()
+
+        self._each(one, jobs)
+        return sums
+
+    def _each(self, task: Callable[[Any], None], items: Sequence[Any]) -> None:
+        """`task(item)` for every item: on the pool's threads when there are several, else here."""
+        if len(items) > 1 and self.pool is not None:
+            self.pool.run(task, items)
+        else:
+            for item in items:
+                task(item)
 
     def _frame(self, coords: tuple[int, ...]) -> memoryview:
         """The chunk file's bytes, read into this thread's reused buffer (no fresh pages per chunk)."""
@@ -165,11 +218,11 @@ def _crc32c(data: Any) -> int:
     return int(google_crc32c.value(data))
 
 
-class ReadPool:
-    """Threads that decode chunks side by side: started on first use, ended by `close()` (or when collected).
+class ChunkPool:
+    """Threads that decode or encode chunks side by side: started on first use, ended by `close()` (or when collected).
 
-    Owned by a reader (`Activations`), never process-wide, so a metrics job that is done
-    with a store leaves no threads behind. After `close()` a later read starts them again.
+    Owned by a reader (`Activations`) or a writer, never process-wide, so a metrics job that
+    is done with a store leaves no threads behind. After `close()` a later read starts them again.
     """
 
     def __init__(self, local: bool = True) -> None:
@@ -180,11 +233,11 @@ class ReadPool:
         self._executor: ThreadPoolExecutor | None = None
         self._finalizer: weakref.finalize | None = None
 
-    def run(self, task: Callable[[int], None], items: Iterable[int]) -> None:
+    def run(self, task: Callable[[Any], None], items: Iterable[Any]) -> None:
         """`task(item)` for every item, on the pool's threads; the first error is raised."""
         with self._lock:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="actcache-read")
+                self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="actcache-chunks")
                 self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=False)
             executor = self._executor
         for _ in executor.map(task, items):

@@ -14,7 +14,7 @@ from typing import Any, Self
 import numpy as np
 
 from cache.bfloat16 import shown
-from cache.chunkio import ChunkFiles, ReadPool
+from cache.chunkio import ChunkFiles, ChunkPool
 from cache.paths import is_local
 from schemas import ConfigError, StoreCorruptError
 from schemas.arrays import ArraySpec
@@ -37,7 +37,7 @@ class StoreView:
         self.shards = shards
         self._group = zarr.open_group(str(path), mode="r")  # a URL goes through fsspec
         self._chunk_files: dict[str, ChunkFiles | None] = {}
-        self._pool = ReadPool(local=is_local(path))
+        self._pool = ChunkPool(local=is_local(path))
         self.n_examples = sum(s.n_examples for s in shards)
         self.n_tokens = sum(s.n_tokens for s in shards)
 

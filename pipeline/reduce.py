@@ -29,6 +29,9 @@ from schemas.store import (
 __all__ = ["BatchResult", "Reducer", "storage_array"]
 
 _LOGIT_CHUNK = 256  # tokens per log-softmax slice: bounds memory for 250k vocabularies
+# Placing hidden states straight into the shard costs a copy call (~4 us) per example and
+# layer: below this many real tokens per example on average, one gather per layer is cheaper.
+_DIRECT_TOKENS = 16
 
 
 def _storage_tensor(values: torch.Tensor, store_dtype: str) -> torch.Tensor:
@@ -71,38 +74,83 @@ class Reducer:
     target: str  # 'observed' (MLM, seq2seq) or 'next' (causal)
     token_level: bool = True
 
-    def __call__(self, out: ModelOutputs, special_mask: torch.Tensor) -> BatchResult:
-        """Reduce one batch; `special_mask` (B, S) marks special tokens, as the tokenizer said."""
+    def __call__(
+        self,
+        out: ModelOutputs,
+        special_mask: torch.Tensor,
+        into: Mapping[str, np.ndarray] | None = None,
+        starts: np.ndarray | None = None,
+    ) -> BatchResult:
+        """Reduce one batch; `special_mask` (B, S) marks special tokens, as the tokenizer said.
+
+        With `into` (the shard's buffers) and `starts` (each example's first token in them), on
+        the CPU, hidden states are cast straight from the padded outputs into place, one copy
+        per example and layer, and `token_arrays` leaves them out: one pass over the values,
+        not three (gather, cast, scatter).
+        """
         mask = out.attention_mask.bool()
         lengths = mask.sum(1)
         result = BatchResult(lengths=[int(n) for n in lengths.tolist()])
         ids = out.input_ids[mask]
         result.token_arrays[TOKEN_IDS] = ids.to(torch.int32).cpu().numpy()
         result.token_arrays[SPECIAL_MASK] = special_mask.to(mask.device)[mask].to(torch.int8).cpu().numpy()
+        direct = (
+            into is not None and starts is not None and self.token_level and mask.device.type == "cpu"
+            and len(ids) >= _DIRECT_TOKENS * len(lengths)
+        )  # fmt: skip
         for stack in self.stacks:
             states = out.stacks()[stack]
-            # Only the real tokens of the kept layers are gathered (no (L, B, S, H) copy); each
-            # example's tokens in order, examples back to back. Each layer is gathered once and
-            # cast into place (no stacked copy at the model's dtype), its peak read on the way.
-            stored = torch.empty(
-                (len(self.layers), len(ids), states[0].shape[-1]),
-                dtype=getattr(torch, self.store_dtype),
-                device=mask.device,
-            )  # (L, T, H)
-            peaks = []
-            for j, i in enumerate(self.layers):
-                real = states[i][mask]
-                peaks.append(_peak(real))
-                stored[j] = real
-            if self.token_level:
-                result.token_arrays[hidden_name(stack)] = _to_numpy(stored)
-            result.nonfinite[stack] = _nonfinite(peaks, stored)
+            if direct:
+                assert into is not None and starts is not None
+                target = _tensor(into[hidden_name(stack)])
+                result.nonfinite[stack] = self._place(states, target, starts, result.lengths)
+            else:
+                result.nonfinite[stack] = self._gather(states, mask, result, hidden_name(stack))
             for how in self.poolings[stack]:
                 pooled = torch.stack([_pool(states[i], mask, lengths, how) for i in self.layers])
                 result.example_arrays[pooled_name(stack, how)] = storage_array(pooled, self.store_dtype)
         if self.logits != "none" and out.logits is not None:
             result.token_arrays |= self._logits(out, mask)
         return result
+
+    def _gather(
+        self, states: tuple[torch.Tensor, ...], mask: torch.Tensor, result: BatchResult, name: str
+    ) -> list[int]:
+        """The real tokens of the kept layers, each example's in order, examples back to back, into
+        `result.token_arrays[name]` (token-level stores); returns the non-finite count per layer.
+
+        No (L, B, S, H) copy: each layer is gathered once and cast into place (no stacked copy
+        at the model's dtype), its peak read on the way.
+        """
+        stored = torch.empty(
+            (len(self.layers), int(mask.sum()), states[0].shape[-1]),
+            dtype=getattr(torch, self.store_dtype),
+            device=mask.device,
+        )  # (L, T, H)
+        peaks = []
+        for j, i in enumerate(self.layers):
+            real = states[i][mask]
+            peaks.append(_peak(real))
+            stored[j] = real
+        if self.token_level:
+            result.token_arrays[name] = _to_numpy(stored)
+        return _nonfinite(peaks, stored)
+
+    def _place(
+        self, states: tuple[torch.Tensor, ...], target: torch.Tensor, starts: np.ndarray, lengths: list[int]
+    ) -> list[int]:
+        """Cast each example's real tokens of every kept layer into `target` (L, shard tokens, H) at
+        `starts`; returns the non-finite count per layer (the peaks read include padding, so they
+        only decide whether to count, on the stored values)."""
+        places = [(row, int(start), n) for row, (start, n) in enumerate(zip(starts, lengths, strict=True)) if n]
+        counts = []
+        for j, i in enumerate(self.layers):
+            for row, start, n in places:
+                target[j, start : start + n].copy_(states[i][row, :n])
+            peak = _peak(states[i])
+            fits = bool(peak.float() <= torch.finfo(target.dtype).max)  # NaN compares False
+            counts.append(0 if fits else sum(int((~torch.isfinite(target[j, s : s + n])).sum()) for _, s, n in places))
+        return counts
 
     def _logits(self, out: ModelOutputs, mask: torch.Tensor) -> dict[str, np.ndarray]:
         assert out.logits is not None
@@ -134,6 +182,13 @@ class Reducer:
             if self.logits == "full":
                 chunks[LOGITS_FULL].append(storage_array(logits[start : start + _LOGIT_CHUNK], self.store_dtype))
         return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in chunks.items()}
+
+
+def _tensor(buffer: np.ndarray) -> torch.Tensor:
+    """A shard buffer as a tensor sharing its memory (bfloat16 bits as bfloat16)."""
+    if buffer.dtype == np.uint16:
+        return torch.from_numpy(buffer.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(buffer)
 
 
 def _peak(values: torch.Tensor) -> torch.Tensor:

@@ -167,9 +167,9 @@ def run_shard(
     nonfinite: dict[str, list[int]] = {}
     for begin in range(0, len(order), batch_size):
         members = order[begin : begin + batch_size]
-        batch, special, tokens = _collate(columns, starts[members], lengths[members], runner)
-        result: BatchResult = reducer(runner.forward(batch), special)
-        _scatter(arrays, buffers, result, members, tokens)
+        batch, special = _collate(columns, starts[members], lengths[members], runner)
+        result: BatchResult = reducer(runner.forward(batch), special, into=buffers, starts=starts[members])
+        _scatter(arrays, buffers, result, members, _runs(starts[members], lengths[members]))
         for stack, counts in result.nonfinite.items():
             total = nonfinite.setdefault(stack, [0] * len(counts))
             nonfinite[stack] = [a + b for a, b in zip(total, counts, strict=True)]
@@ -187,11 +187,10 @@ def run_shard(
 
 def _collate(
     columns: dict[str, np.ndarray], starts: np.ndarray, lengths: np.ndarray, runner: Any
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, np.ndarray]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Right-padded tensors for examples at `starts` (with `lengths`) of a shard's flat columns.
 
-    Also returns their special-token mask and the shard positions of their real tokens in
-    batch order: where each token of the batch's results goes.
+    Also returns their special-token mask.
     """
     width = int(lengths.max(initial=0))
     real = np.arange(width)[None, :] < lengths[:, None]
@@ -208,7 +207,23 @@ def _collate(
     }
     if "token_type_ids" in columns:
         batch["token_type_ids"] = padded("token_type_ids", 0)
-    return {k: v.to(runner.device) for k, v in batch.items()}, padded("special_tokens_mask", 0), tokens
+    return {k: v.to(runner.device) for k, v in batch.items()}, padded("special_tokens_mask", 0)
+
+
+def _runs(starts: np.ndarray, lengths: np.ndarray) -> list[tuple[int, int, int]]:
+    """(shard position, batch position, length) of each run of tokens that is contiguous in both
+    the shard and the batch's results (examples back to back, batch order): an example, or
+    neighbours in the dataset that are neighbours in the batch too (equal lengths)."""
+    runs: list[tuple[int, int, int]] = []
+    at = 0
+    for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == start:
+            shard, batch, run = runs[-1]
+            runs[-1] = (shard, batch, run + length)
+        elif length:
+            runs.append((start, at, length))
+        at += length
+    return runs
 
 
 def _scatter(
@@ -216,12 +231,16 @@ def _scatter(
     buffers: dict[str, np.ndarray],
     result: BatchResult,
     members: np.ndarray,
-    tokens: np.ndarray,
+    runs: list[tuple[int, int, int]],
 ) -> None:
-    """Put a batch's results at their places in the shard (dataset order)."""
+    """Put a batch's results at their places in the shard (dataset order). Token arrays move
+    run by run as slices, at copy speed (a fancy-indexed scatter of XLM-R's 13 x 768 float16
+    rows ran at 0.4 GB/s here)."""
     for spec in arrays:
         axis: tuple[Any, ...] = (slice(None),) * len(spec.leading)
         if spec.name in result.token_arrays:
-            buffers[spec.name][(*axis, tokens)] = result.token_arrays[spec.name]
+            source, target = result.token_arrays[spec.name], buffers[spec.name]
+            for shard, batch, length in runs:
+                target[(*axis, slice(shard, shard + length))] = source[(*axis, slice(batch, batch + length))]
         elif spec.name in result.example_arrays:
             buffers[spec.name][(*axis, members)] = result.example_arrays[spec.name]

@@ -18,6 +18,7 @@ import torch
 import transformers
 
 from cache import open_activations, verify
+from pipeline import reduce
 from pipeline.extract import ExtractConfig, extract
 from schemas import ConfigError
 from tests.checks import assert_float16_of
@@ -71,13 +72,17 @@ def direct_forward(path: Path, family: str, text: str) -> tuple[torch.Tensor, di
     return ids[0], stacks, getattr(out, "logits", None)
 
 
+@pytest.mark.parametrize("place", ["direct", "gathered"])
 @pytest.mark.parametrize("family", list(FAMILY_CLASSES))
 def test_stored_values_equal_a_direct_forward_of_each_example(
-    family: str, tiny_dir: Any, texts_file: Path, shared_cache: Path
+    family: str, place: str, tiny_dir: Any, texts_file: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Both ways hidden states reach the shard: cast straight into place per example, or gathered per batch."""
+    monkeypatch.setattr(reduce, "_DIRECT_TOKENS", 0 if place == "direct" else 10**9)
     path = tiny_dir(family)
-    result = run(path, texts_file, shared_cache, store_dtype="float32", shard_tokens=60, batch_size=5, logits="topk:4")
-    acts = open_activations(result.key, cache_dir=shared_cache)
+    cache = shared_cache / place
+    result = run(path, texts_file, cache, store_dtype="float32", shard_tokens=60, batch_size=5, logits="topk:4")
+    acts = open_activations(result.key, cache_dir=cache)
     assert result.manifest.complete and len(result.manifest.geometry.shards) > 2
     n_states = len(direct_forward(path, family, "x")[1][FAMILY_CLASSES[family][1][0]])
     assert acts.layers == tuple(range(n_states))

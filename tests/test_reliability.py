@@ -17,6 +17,7 @@ import torch
 
 from cache import open_activations, verify
 from cache.integrity import marker_path
+from pipeline import reduce
 from pipeline.extract import ExtractConfig, extract
 from schemas import CacheDirError, IncompleteStoreError
 from schemas.store import MANIFEST_FILE, hidden_name
@@ -155,8 +156,14 @@ def test_full_disk_is_a_clear_error_and_the_same_command_resumes(workdir: Any, t
     assert verify(resumed.stdout.strip().splitlines()[-1]).ok
 
 
-def test_float16_overflow_is_counted_recorded_and_warned(tiny_dir: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("place", ["direct", "gathered"])
+def test_float16_overflow_is_counted_recorded_and_warned(
+    tiny_dir: Any, tmp_path: Path, place: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counted the same whichever way hidden states reach the shard (see `pipeline.reduce`)."""
     import transformers
+
+    monkeypatch.setattr(reduce, "_DIRECT_TOKENS", 0 if place == "direct" else 10**9)
 
     model_dir = tmp_path / "hot"
     model = transformers.AutoModel.from_pretrained(tiny_dir("bert_plain"))
