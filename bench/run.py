@@ -45,6 +45,18 @@ def write_texts(path: Path, copies: int, limit: int | None = None) -> int:
     return len(texts)
 
 
+def save(results: dict[str, Any], directory: Path, stem: str, table: str) -> Path:
+    """Print the raw figures (JSON) and `table`, and write the JSON to `directory/stem.json`."""
+    print(json.dumps(results, indent=1, sort_keys=True))
+    print()
+    print(table)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{stem}.json"
+    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    print(f"\nraw figures: {path}")
+    return path
+
+
 def timed(cmd: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (KiB) of one whole process."""
     wrapper = (
@@ -359,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
 
         (tmp / "storepath").mkdir()
         results["storepath"] = storepath.measure(tmp / "storepath", quick=args.quick)
+        # The overhead at 2k / 8k / 20k texts, start-up and per-token costs apart (bench/overhead.py).
+        from bench import overhead
+
+        (tmp / "overhead").mkdir()
+        sizes = [100, 300] if args.quick else list(overhead.SIZES)
+        results["overhead_curve"] = overhead.measure(tmp / "overhead", sizes, runs=1 if args.quick else 3)
     print(table(results))
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{results['date']}-{results['host']}{'-quick' if args.quick else ''}.json"
@@ -463,6 +481,10 @@ def table(r: dict[str, Any]) -> str:
         from bench.storepath import table_rows
 
         rows += table_rows(r["storepath"])
+    if "overhead_curve" in r:
+        from bench import overhead
+
+        rows += overhead.table_rows(r["overhead_curve"])
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     stages = r["stage_seconds"][-1]
     order = ("resolve", "tokenize", "load model", "open store", "run", "finalize", "writer (background)")

@@ -332,13 +332,11 @@ def main(argv: list[str] | None = None) -> int:
             results["profile"] = profile_setup(chosen, model, tmp)
             results["profile"]["over_5s"] = bool(slow)
     results["total_s"] = time.perf_counter() - started
-    print(json.dumps(results, indent=1, sort_keys=True))
-    print()
-    print(table(results))
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"{results['date']}-{results['host']}-scale{'-quick' if args.quick else ''}.json"
-    out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    print(f"\nraw figures: {out}")
+    from bench.run import save
+
+    save(
+        results, args.out, f"{results['date']}-{results['host']}-scale{'-quick' if args.quick else ''}", table(results)
+    )
     return 0
 
 

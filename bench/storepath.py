@@ -22,7 +22,6 @@ import argparse
 import cProfile
 import datetime as dt
 import io
-import json
 import os
 import pstats
 import socket
@@ -252,12 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         if found is not None:
             results["profile"] = str(found)
     results |= {"date": dt.date.today().isoformat(), "host": socket.gethostname(), "quick": args.quick}
-    print(json.dumps(results, indent=1, sort_keys=True))
-    print(table(results))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{stem}.json"
-    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    print(f"\nraw figures: {path}")
+    from bench.run import save
+
+    save(results, args.out, stem, table(results))
     return 0
 
 
