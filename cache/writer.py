@@ -360,10 +360,10 @@ class StoreWriter:
     def _chunk_files(self, spec: ArraySpec) -> ChunkFiles | None:
         """The hand-written chunk files of `spec` on a local disk; None where zarr writes (an object store)."""
         if spec.name not in self._files:
-            local = is_local(self.path)
-            array = self._zarr_group()[spec.name] if local else None
             self._files[spec.name] = (
-                ChunkFiles.of(array, self.path / spec.name, len(spec.leading), self._pool) if local else None
+                ChunkFiles.of(self._zarr_group()[spec.name], self.path / spec.name, len(spec.leading), self._pool)
+                if is_local(self.path)
+                else None
             )
         return self._files[spec.name]
 

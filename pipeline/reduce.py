@@ -7,7 +7,7 @@ the host: the real (non-pad) tokens of the stored layers, pooled vectors, top-k 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,7 +134,7 @@ class Reducer:
             stored[j] = real
         if self.token_level:
             result.token_arrays[name] = _to_numpy(stored)
-        return _nonfinite(peaks, stored)
+        return _nonfinite(peaks, stored.dtype, lambda j: [stored[j]])
 
     def _place(
         self, states: tuple[torch.Tensor, ...], target: torch.Tensor, starts: np.ndarray, lengths: list[int]
@@ -143,14 +143,12 @@ class Reducer:
         `starts`; returns the non-finite count per layer (the peaks read include padding, so they
         only decide whether to count, on the stored values)."""
         places = [(row, int(start), n) for row, (start, n) in enumerate(zip(starts, lengths, strict=True)) if n]
-        counts = []
+        peaks = []
         for j, i in enumerate(self.layers):
             for row, start, n in places:
                 target[j, start : start + n].copy_(states[i][row, :n])
-            peak = _peak(states[i])
-            fits = bool(peak.float() <= torch.finfo(target.dtype).max)  # NaN compares False
-            counts.append(0 if fits else sum(int((~torch.isfinite(target[j, s : s + n])).sum()) for _, s, n in places))
-        return counts
+            peaks.append(_peak(states[i]))
+        return _nonfinite(peaks, target.dtype, lambda j: [target[j, s : s + n] for _, s, n in places])
 
     def _logits(self, out: ModelOutputs, mask: torch.Tensor) -> dict[str, np.ndarray]:
         assert out.logits is not None
@@ -199,14 +197,15 @@ def _peak(values: torch.Tensor) -> torch.Tensor:
     return torch.maximum(-low, high)
 
 
-def _nonfinite(peaks: list[torch.Tensor], stored: torch.Tensor) -> list[int]:
+def _nonfinite(peaks: list[torch.Tensor], dtype: torch.dtype, stored: Callable[[int], list[torch.Tensor]]) -> list[int]:
     """Per layer, how many stored values are NaN or infinite (overflow of the cast included).
 
     Counting on float16 is slow on CPU; a layer whose largest magnitude (`peaks`, of the
-    values before the cast) is finite and fits the stored dtype has none.
+    values before the cast) is finite and fits the stored `dtype` has none. `stored(j)` is
+    layer j's stored values, counted only where the peak does not fit.
     """
-    fits = (torch.stack(peaks).float() <= torch.finfo(stored.dtype).max).tolist()  # NaN compares False
-    return [0 if ok else int((~torch.isfinite(layer)).sum()) for ok, layer in zip(fits, stored, strict=True)]
+    fits = (torch.stack(peaks).float() <= torch.finfo(dtype).max).tolist()  # NaN compares False
+    return [0 if ok else sum(int((~torch.isfinite(v)).sum()) for v in stored(j)) for j, ok in enumerate(fits)]
 
 
 def _pool(states: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, how: str) -> torch.Tensor:

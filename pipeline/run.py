@@ -167,9 +167,10 @@ def run_shard(
     nonfinite: dict[str, list[int]] = {}
     for begin in range(0, len(order), batch_size):
         members = order[begin : begin + batch_size]
-        batch, special = _collate(columns, starts[members], lengths[members], runner)
-        result: BatchResult = reducer(runner.forward(batch), special, into=buffers, starts=starts[members])
-        _scatter(arrays, buffers, result, members, _runs(starts[members], lengths[members]))
+        at, sizes = starts[members], lengths[members]
+        batch, special = _collate(columns, at, sizes, runner)
+        result: BatchResult = reducer(runner.forward(batch), special, into=buffers, starts=at)
+        _scatter(arrays, buffers, result, members, _runs(at, sizes))
         for stack, counts in result.nonfinite.items():
             total = nonfinite.setdefault(stack, [0] * len(counts))
             nonfinite[stack] = [a + b for a, b in zip(total, counts, strict=True)]
