@@ -179,7 +179,9 @@ def _add_extract(commands: Any) -> None:
         help=f"refuse --logits full above this size (default {DEFAULT_MAX_FULL_LOGITS_GB:g})",
     )
     how = p.add_argument_group("how to run (not part of the cache key)")
-    how.add_argument("--batch-size", type=int, default=32, help="examples per forward pass (default 32)")
+    how.add_argument(
+        "--batch-size", type=int, default=32, help="at most this many examples per forward pass (default 32)"
+    )
     how.add_argument(
         "--shard-tokens",
         type=int,

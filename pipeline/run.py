@@ -1,7 +1,8 @@
 """Stage 4-5, run and write: each pending shard's examples through the model, then into the store.
 
-Inside a shard, batches are formed by length (longest first) so little compute goes to
-padding; results are placed back in dataset order in the shard's buffers (`BufferPool`). A
+Inside a shard, examples are sorted longest first and cut into batches of at most
+`batch_size` where the padding saved pays for another forward call (`pipeline.batching`);
+results are placed back in dataset order in the shard's buffers (`BufferPool`). A
 background thread (`BackgroundWriter`) writes and commits finished shards while the model
 computes the next one. With a `StopFlag` (the CLI's Ctrl-C and SIGTERM), a run stops after
 the batch in hand: the shard in progress is dropped (its claim released, nothing committed)
@@ -19,6 +20,7 @@ import torch
 
 from cache import StoreWriter
 from cache.faults import crash_point
+from pipeline.batching import batches
 from pipeline.buffers import BufferPool
 from pipeline.reduce import BatchResult, Reducer
 from pipeline.stop import RESUME_HINT, StopFlag, signal_name
@@ -163,10 +165,9 @@ def run_shard(
     lengths = tokenized.lengths[shard.ex_start : shard.ex_stop]
     starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]  # token offset of each example in the shard
     columns = tokenized.flat(shard.ex_start, shard.ex_stop)
-    order = np.argsort(-lengths, kind="stable")  # longest first: padding stays small
+    groups = batches(lengths, batch_size)
     nonfinite: dict[str, list[int]] = {}
-    for begin in range(0, len(order), batch_size):
-        members = order[begin : begin + batch_size]
+    for number, members in enumerate(groups, 1):
         at, sizes = starts[members], lengths[members]
         batch, special = _collate(columns, at, sizes, runner)
         result: BatchResult = reducer(runner.forward(batch), special, into=buffers, starts=at)
@@ -181,7 +182,7 @@ def run_shard(
         progress.set_postfix_str(f"{stats.examples} examples", refresh=False)
         progress.update(n_tokens)
         crash_point("mid-batch")
-        if flag.stop and begin + batch_size < len(order):  # a shard whose last batch is done is committed
+        if flag.stop and number < len(groups):  # a shard whose last batch is done is committed
             return None
     return ShardWork(shard, buffers, lengths, {"nonfinite": nonfinite})
 
