@@ -11,13 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from cache.files import json_ready, remove_tree, write_json
 from cache.paths import is_local
-from cache.zattrs import consolidate, create_arrays
+from cache.zattrs import ExampleColumns, consolidate, create_arrays
 from schemas.manifest import Manifest
 from schemas.store import INCOMPLETE_SUFFIX, MANIFEST_ATTR, MANIFEST_FILE, SHARDS_DIR
 
@@ -29,7 +27,7 @@ def created(path: Path) -> bool:
     return path.exists() if is_local(path) else (path / MANIFEST_FILE).exists()
 
 
-def create_store(path: Path, manifest: Manifest, examples: Mapping[str, Sequence[Any]] | None) -> None:
+def create_store(path: Path, manifest: Manifest, examples: ExampleColumns | None) -> None:
     """Create the store `manifest` describes at `path`. Call it holding the store's lock (and its lease)."""
     if not is_local(path):
         if path.exists():  # objects of a creation that stopped before its manifest
@@ -48,7 +46,7 @@ def create_store(path: Path, manifest: Manifest, examples: Mapping[str, Sequence
         raise
 
 
-def _build(path: Path, manifest: Manifest, examples: Mapping[str, Sequence[Any]] | None) -> None:
+def _build(path: Path, manifest: Manifest, examples: ExampleColumns | None) -> None:
     """The group, its arrays and example table, the creation copy of the manifest; consolidated."""
     import zarr
 

@@ -79,6 +79,11 @@ def open_activations(
     return Activations(path, manifest, tuple(shards))
 
 
+# Values read before a text column may be judged mostly distinct from what was read so far (else: from
+# all of it): a column of unique ids then skips the vocabulary after its first chunk.
+_EVIDENCE = 16_384
+
+
 def _text_column(chunks: Iterable[np.ndarray], n: int) -> Any:
     """A text column read chunk by chunk. Where values repeat (language, field, an id shared by
     translations) it is a pandas Categorical with sorted categories: one string object per distinct
@@ -91,7 +96,7 @@ def _text_column(chunks: Iterable[np.ndarray], n: int) -> Any:
     distinct: list[np.ndarray] = []  # the chunks as read, once most values have proved distinct
     start = 0
     for values in chunks:
-        if distinct or len(vocabulary) > n // 2:
+        if distinct or len(vocabulary) > (n if start < _EVIDENCE else start) // 2:
             distinct.append(values)
             continue
         local, uniques = pd.factorize(values)  # hashing, in C

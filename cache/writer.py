@@ -38,7 +38,7 @@ from cache.keys import cache_key
 from cache.lease import writer_lease, writers_path
 from cache.objectlease import require_run
 from cache.paths import is_local, store_path
-from cache.zattrs import root_attributes, set_complete, zarr_group
+from cache.zattrs import ExampleColumns, root_attributes, set_complete, zarr_group
 from schemas import LayoutMismatchError, ShardClaimedError, StoreCorruptError, StoreNotFoundError
 from schemas.arrays import ArraySpec, commit_array, index_arrays
 from schemas.geometry import Geometry, ShardRange
@@ -93,7 +93,7 @@ class StoreWriter:
         layers: Sequence[int],
         n_states: int,
         stacks: Sequence[str],
-        examples: Mapping[str, Sequence[Any]] | None = None,
+        examples: ExampleColumns | None = None,
         provenance: Mapping[str, Any] | None = None,
         aliases: Sequence[str] = (),
     ) -> StoreWriter:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from schemas.store import (
 )
 
 __all__ = [
+    "ExampleColumns",
     "compressors",
     "consolidate",
     "create_arrays",
@@ -53,6 +54,10 @@ __all__ = [
     "store_version",
     "zarr_group",
 ]
+
+
+# Example metadata as given to a new store: a pyarrow Table (the pipeline's), or column -> values.
+ExampleColumns = Any
 
 
 def compressors(dtype: str) -> list[Any]:
@@ -72,27 +77,70 @@ TEXT_CHUNK = 65_536
 
 
 def _static(group: Any, name: str, values: np.ndarray, dims: tuple[str, ...], description: str) -> None:
-    """A small array written whole at creation (a coordinate, the shard table, a metadata column)."""
-    text = values.dtype.kind in "OUS"
-    array = group.create_array(
-        name,
-        shape=values.shape,
-        chunks=(max(1, min(len(values), TEXT_CHUNK)),) if text else "auto",
-        dtype=str if text else values.dtype,
-        compressors=compressors("str" if text else values.dtype.name),
-        fill_value="" if text else (-1 if values.dtype.kind in "iu" else np.nan),
-        dimension_names=dims,
-        attributes={"description": description},
-    )
+    """A small array written whole at creation (a coordinate, the shard table, a numeric metadata column)."""
+    array = _static_array(group, name, values.shape, values.dtype, dims, description)
     if values.size:
         array[...] = values
 
 
-def _column(values: Sequence[Any]) -> np.ndarray:
-    """A metadata column as numbers where every value is one, else as text (None -> '')."""
+def _static_array(
+    group: Any, name: str, shape: tuple[int, ...], dtype: Any, dims: tuple[str, ...], description: str
+) -> Any:
+    text = np.dtype(dtype).kind in "OUST"
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=(max(1, min(shape[0], TEXT_CHUNK)),) if text else "auto",
+        dtype=str if text else dtype,
+        compressors=compressors("str" if text else np.dtype(dtype).name),
+        fill_value="" if text else (-1 if np.dtype(dtype).kind in "iu" else np.nan),
+        dimension_names=dims,
+        attributes={"description": description},
+    )
+
+
+def _metadata(group: Any, name: str, column: str, values: Any) -> None:
+    """An example metadata column: numbers where every value is one, else text (None -> ''), written a
+    text chunk at a time so an Arrow column of millions of rows is never as many Python strings at once."""
+    description = f"example metadata column {column!r}, one value per example"
+    numbers = _numbers(values)
+    if numbers is not None:
+        _static(group, name, numbers, ("example",), description)
+        return
+    n = len(values)
+    array = _static_array(group, name, (n,), object, ("example",), description)
+    for start in range(0, n, TEXT_CHUNK):
+        array[start : start + TEXT_CHUNK] = _texts(values[start : start + TEXT_CHUNK])
+
+
+def _numbers(values: Any) -> np.ndarray | None:
+    """`values` (an Arrow column or a sequence) as numbers, or None if one is not a number (a bool, a null, text)."""
+    if _is_arrow(values):
+        import pyarrow as pa
+
+        kind = values.type
+        if (pa.types.is_integer(kind) or pa.types.is_floating(kind)) and not values.null_count:
+            return np.asarray(values.to_numpy())
+        return None
+    values = list(values)
     if values and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
         return np.asarray(values)
+    return None
+
+
+def _texts(values: Any) -> np.ndarray:
+    """A slice of a text metadata column as strings: None -> '', anything else its str()."""
+    if _is_arrow(values):
+        import pyarrow as pa
+
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            return np.asarray(values.fill_null("").to_numpy(zero_copy_only=False), dtype=object)
+        values = values.to_pylist()
     return np.asarray(["" if v is None else str(v) for v in values], dtype=object)
+
+
+def _is_arrow(values: Any) -> bool:
+    return type(values).__module__.startswith("pyarrow")
 
 
 def metadata_columns(columns: Sequence[str]) -> dict[str, str]:
@@ -100,14 +148,14 @@ def metadata_columns(columns: Sequence[str]) -> dict[str, str]:
     return {column: metadata_name(column) for column in columns}
 
 
-def create_arrays(group: Any, manifest: Manifest, examples: Mapping[str, Sequence[Any]] | None) -> None:
+def create_arrays(group: Any, manifest: Manifest, examples: ExampleColumns | None) -> None:
     """Create every array of `manifest` (empty, with codecs, fill and attributes), the coordinates,
     the shard table and the example metadata, then the root's attributes (incomplete)."""
     geometry = manifest.geometry
-    columns = metadata_columns(list(examples or {}))
+    names = [] if examples is None else examples.column_names if _is_arrow(examples) else list(examples)
+    columns = metadata_columns(names)
     for column, name in columns.items():
-        values = _column(list((examples or {})[column]))
-        _static(group, name, values, ("example",), f"example metadata column {column!r}, one value per example")
+        _metadata(group, name, column, (examples or {})[column])
     for spec in manifest.arrays:
         attrs = spec.attributes()
         if "example" in spec.dims and columns:

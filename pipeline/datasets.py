@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from cache.keys import Hasher
-from pipeline.dataset_tables import FILE_BUILDERS, load_tables, text_value
+from pipeline.dataset_tables import FILE_BUILDERS, load_tables
 from schemas import ConfigError
 from schemas.dataset import DatasetSpec
 from schemas.errors import DatasetNotAvailableError
@@ -61,21 +61,41 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
 
 @dataclass(frozen=True)
 class Examples:
-    """Examples in dataset order: `texts` (str, or a (str, str) pair), metadata columns, identity.
+    """Examples in dataset order, as Arrow columns: texts, metadata, and the rows' identity.
 
-    `content_hash` hashes every text and metadata value used, in order, each with its type
-    (`cache.keys.Hasher`: a datetime and its ISO string, 1 and "1", differ): the dataset's
-    identity in the cache key, whatever path or mtime the files have.
+    `texts` has a ``text`` column (and ``text_pair`` with --pair), never null; `metadata` one
+    row per example: the dataset's other columns, ``language`` (from the config), ``row`` (the
+    row's index in its table) and ``field`` (which text column) where they apply. Both stay in
+    Arrow memory: a 10-million-row dataset is never ten million Python strings.
+
+    `content_hash` hashes the rows used, column by column from their Arrow data
+    (`cache.keys.Hasher.update_column`: the same rows from a .jsonl, .csv or .parquet hash
+    alike; a datetime and its ISO string, 1 and "1", differ), with the text columns and
+    pairing that make examples of them: the dataset's identity in the cache key, whatever path
+    or mtime the files have.
     """
 
     spec: DatasetSpec
-    texts: list[Any]
-    metadata: dict[str, list[Any]]
+    texts: Any  # pyarrow.Table
+    metadata: Any  # pyarrow.Table
     content_hash: str
     revision: str | None = None
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return int(self.texts.num_rows)
+
+    def text(self, index: int) -> str | tuple[str, str]:
+        """The text of one example (a pair with --pair)."""
+        row = [self.texts.column(c)[index].as_py() for c in self.texts.column_names]
+        return (row[0], row[1]) if len(row) == 2 else row[0]
+
+    def n_empty(self) -> int:
+        """Examples with no text but whitespace (with --pair: on both sides)."""
+        import pyarrow.compute as pc
+
+        blank = [pc.equal(pc.utf8_trim_whitespace(self.texts.column(c)), "") for c in self.texts.column_names]
+        both = blank[0] if len(blank) == 1 else pc.and_(*blank)
+        return int(pc.sum(both).as_py() or 0)
 
     def identity(self) -> dict[str, Any]:
         """The keyed description of these examples."""
@@ -138,11 +158,13 @@ def load_examples(spec: DatasetSpec, arrow_cache: Path | None = None) -> Example
 
     `arrow_cache` is where `datasets` keeps its Arrow copy of a local file (under actcache's
     cache root, so `actcache gc` cleans it); Hub datasets stay in the Hugging Face cache.
+    Everything here is column-wise Arrow work: linear in rows, no Python object per row.
     """
+    import pyarrow as pa
+
     tables, revision = load_tables(spec, arrow_cache)
-    texts: list[Any] = []
-    metadata: dict[str, list[Any]] = {}
-    hasher = Hasher()
+    hasher = Hasher().update([_HASH_SCHEME, list(spec.text_columns), spec.pair])
+    texts, metadata = [], []
     for language, table in tables:
         columns = table.column_names
         missing = [c for c in spec.text_columns if c not in columns]
@@ -151,41 +173,88 @@ def load_examples(spec: DatasetSpec, arrow_cache: Path | None = None) -> Example
                 f"dataset {spec.name!r} has no column {missing[0]!r}; its columns are {columns}. "
                 "Fix: pick text columns with --text-column."
             )
-        rows = _limited(table.to_pylist(), spec.limit, "language" in columns)
-        meta_columns = [c for c in columns if c not in spec.text_columns]
-        for row_index, row in enumerate(rows):
-            base = {c: row[c] for c in meta_columns}
-            if language is not None:
-                base.setdefault("language", language)
-            base.setdefault("row", row_index)
-            values = [text_value(row[c], c, row_index) for c in spec.text_columns]
-            units = (
-                [(tuple(values), None)]
-                if spec.pair
-                else [(v, c) for v, c in zip(values, spec.text_columns, strict=True)]
-            )
-            for text, field in units:
-                record = dict(base) | ({"field": field} if field else {})
-                for name in record:
-                    if name not in metadata:  # a column first seen here: None for the examples before
-                        metadata[name] = [None] * len(texts)
-                for name, column in metadata.items():
-                    column.append(record.get(name))
-                texts.append(text)
-                hasher.update([text, record])
-    return Examples(spec, texts, metadata, hasher.hexdigest(), revision)
+        table = _limited(table, spec.limit, "language" in columns)
+        hasher.update([language, table.num_rows, sorted(columns)])
+        for name in sorted(columns):
+            hasher.update_column(table.column(name))
+        text_table, meta_table = _examples_of(table, language, spec)
+        texts.append(text_table)
+        metadata.append(meta_table)
+    text = pa.concat_tables(texts)
+    try:
+        meta = pa.concat_tables(metadata, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ConfigError(
+            f"the configs of dataset {spec.name!r} disagree on a metadata column's type ({exc}). "
+            "Fix: pick one config with --config, or load configs whose columns agree."
+        ) from exc
+    return Examples(spec, text, meta, hasher.hexdigest(), revision)
 
 
-def _limited(rows: list[dict[str, Any]], limit: int | None, per_language: bool) -> list[dict[str, Any]]:
+# Bumped whenever what `load_examples` hashes changes meaning, so no old hash is reused.
+_HASH_SCHEME = "arrow-columns-1"
+
+
+def _examples_of(table: Any, language: str | None, spec: DatasetSpec) -> tuple[Any, Any]:
+    """One table's examples: (texts, metadata), one row per example.
+
+    Without --pair each text column is its own example, row by row (row 0's first text, row
+    0's second, row 1's first, ...); the row's metadata is repeated for each.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    rows, per_row = table.num_rows, 1 if spec.pair else len(spec.text_columns)
+    strings = [_text_column(table.column(c)) for c in spec.text_columns]
+    if spec.pair:
+        texts = pa.table({"text": strings[0], "text_pair": strings[1]})
+    elif per_row == 1:
+        texts = pa.table({"text": strings[0]})
+    else:
+        interleaved = np.arange(rows * per_row).reshape(per_row, rows).T.ravel()
+        texts = pa.table(
+            {"text": pa.chunked_array([c for s in strings for c in s.cast(pa.large_string()).chunks]).take(interleaved)}
+        )
+    meta = table.drop_columns(list(spec.text_columns))
+    if language is not None and "language" not in meta.column_names:
+        meta = meta.append_column("language", pa.repeat(pa.scalar(language, pa.string()), rows))
+    if "row" not in meta.column_names:
+        meta = meta.append_column("row", pa.array(np.arange(rows, dtype=np.int64)))
+    if per_row > 1:
+        meta = meta.take(np.repeat(np.arange(rows), per_row))
+    if not spec.pair:
+        names = pa.array(list(spec.text_columns), pa.string())
+        fields = names.take(np.tile(np.arange(per_row), rows)) if per_row > 1 else pa.repeat(names[0], rows)
+        if "field" in meta.column_names:  # the example's own field wins over a column of that name
+            meta = meta.drop_columns(["field"])
+        meta = meta.append_column("field", fields)
+    return texts, meta
+
+
+def _text_column(column: Any) -> Any:
+    """A text column with a missing value (null) as an empty text (counted, stored, never a crash).
+
+    A column of strings without nulls is returned as it is: a view of the memory-mapped Arrow copy,
+    not a copy in memory.
+    """
+    import pyarrow as pa
+
+    if (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) and not column.null_count:
+        return column
+    return column.cast(pa.large_string()).fill_null("")
+
+
+def _limited(table: Any, limit: int | None, per_language: bool) -> Any:
     """The first `limit` rows, of each language when rows carry one (a multilingual sample stays so)."""
+    import numpy as np
+
     if limit is None:
-        return rows
+        return table
     if not per_language:
-        return rows[:limit]
-    seen: dict[Any, int] = {}
-    kept = []
-    for row in rows:
-        seen[row["language"]] = seen.get(row["language"], 0) + 1
-        if seen[row["language"]] <= limit:
-            kept.append(row)
-    return kept
+        return table.slice(0, limit)
+    codes = table.column("language").dictionary_encode().combine_chunks().indices
+    codes = np.asarray(codes.fill_null(-1).to_numpy(zero_copy_only=False))  # a null language is one more language
+    order = np.argsort(codes, kind="stable")
+    ranked = np.empty(len(codes), np.int64)
+    ranked[order] = np.arange(len(codes)) - np.searchsorted(codes[order], codes[order])
+    return table.filter(ranked < limit)

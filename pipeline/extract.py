@@ -176,13 +176,26 @@ def extract(
             model_name=resolved.spec.name,
             trust_remote_code=cfg.trust_remote_code,
         )
-    tokenized = tokenize_examples(
-        resolved.examples,
-        resolved.prepared.tokenizer,
-        max_length=resolved.prepared.max_length,
-        cache_dir=side / TOKENIZED_DIR,
-        tok_hash=resolved.tokenizer_hash,
-    )
+    from tqdm.auto import tqdm
+
+    # Shown only once tokenizing has taken 2 s: a cached or small dataset's stays silent.
+    with tqdm(
+        total=len(resolved.examples),
+        unit="ex",
+        unit_scale=True,
+        disable=cfg.quiet,
+        file=sys.stderr,
+        desc="tokenize",
+        delay=2.0,
+    ) as bar:
+        tokenized = tokenize_examples(
+            resolved.examples,
+            resolved.prepared.tokenizer,
+            max_length=resolved.prepared.max_length,
+            cache_dir=side / TOKENIZED_DIR,
+            tok_hash=resolved.tokenizer_hash,
+            progress=bar.update,
+        )
     stages.lap("tokenize")
     crash_point("after-tokenize")
     if len(tokenized.lengths) == 0:
@@ -280,8 +293,6 @@ def extract(
             target="next" if resolved.spec.arch == "decoder_only" else "observed",
             token_level=outputs.token_level,
         )
-        from tqdm.auto import tqdm
-
         stages.lap("open store")
         total = sum(s.n_tokens for s in pending)
         with tqdm(total=total, unit="tok", unit_scale=True, disable=cfg.quiet, file=sys.stderr, desc="extract") as bar:
@@ -308,9 +319,7 @@ def extract(
         manifest = writer.finalize(
             stats={
                 "n_truncated": tokenized.n_truncated,
-                "n_empty": sum(
-                    1 for t in resolved.examples.texts if not (t if isinstance(t, str) else "".join(t)).strip()
-                ),
+                "n_empty": resolved.examples.n_empty(),
             }
         )
     _warn_nonfinite(manifest, say)

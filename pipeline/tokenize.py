@@ -1,12 +1,18 @@
 """Stage 2, tokenize: examples -> token ids, special-token masks and lengths, before any forward pass.
 
-Runs as a batched `datasets` map whose result is cached under the actcache root by the
-hash of (rows, tokenizer, kwargs), so a rerun or a resume reuses it instead of
-tokenizing again. Both hashes are `cache.keys.Hasher` digests.
+Texts go from the examples' Arrow column to the tokenizer's Rust backend a batch at a time,
+and the ids into an Arrow file cached under the actcache root by the hash of (rows,
+tokenizer, kwargs), so a rerun or a resume reuses it instead of tokenizing again (both
+hashes are `cache.keys.Hasher` digests). The file is what a `datasets` map would write,
+opened as a memory-mapped `datasets.Dataset`.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,7 @@ from pipeline.datasets import Examples
 __all__ = ["Tokenized", "tokenize_examples", "tokenizer_hash"]
 
 _TOKEN_COLUMNS = ("input_ids", "special_tokens_mask", "token_type_ids")
-_VERSION = 2  # of the tokenized columns: a change here must never reuse an older cache file
+_VERSION = 3  # of the tokenized columns: a change here must never reuse an older cache file
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -56,50 +62,140 @@ class Tokenized:
 
 
 def tokenize_examples(
-    examples: Examples, tokenizer: Any, *, max_length: int, cache_dir: Path, tok_hash: str
+    examples: Examples,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    cache_dir: Path,
+    tok_hash: str,
+    progress: Callable[[int], object] | None = None,
 ) -> Tokenized:
-    """Tokenize every example, truncating at `max_length` and recording which were truncated."""
+    """Tokenize every example, truncating at `max_length` and recording which were truncated.
+
+    Equal to `tokenizer(texts, truncation=True, max_length=max_length,
+    return_special_tokens_mask=True)`; `progress` is called with each batch's count of examples.
+    """
     import datasets
 
     pair = examples.spec.pair
-    columns = (
-        {"a": [t[0] for t in examples.texts], "b": [t[1] for t in examples.texts]} if pair else {"a": examples.texts}
-    )
     fingerprint = hash_value(examples.content_hash, tok_hash, max_length, pair, _VERSION, length=32)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    specials = tokenizer.num_special_tokens_to_add(pair=pair)
-
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        args = (batch["a"], batch["b"]) if pair else (batch["a"],)
-        out = tokenizer(*args, truncation=True, max_length=max_length, return_special_tokens_mask=True)
-        result = {k: out[k] for k in _TOKEN_COLUMNS if k in out}
-        result["length"] = [len(ids) for ids in out["input_ids"]]
-        # Only an example cut to exactly max_length can have been truncated: count the whole
-        # text of those few again instead of tokenizing every text twice.
-        truncated = [False] * len(result["length"])
-        maybe = [i for i, n in enumerate(result["length"]) if n >= max_length]
-        if maybe:
-            again = [[col[i] for i in maybe] for col in args]
-            raw = [tokenizer(col, add_special_tokens=False)["input_ids"] for col in again]
-            for j, i in enumerate(maybe):
-                truncated[i] = sum(len(col[j]) for col in raw) + specials > max_length
-        result["truncated"] = truncated
-        return result
-
-    with quiet_datasets():  # no "Map:" progress bar; the user's setting is back on return
-        dataset = datasets.Dataset.from_dict(columns)
-        tokenized = dataset.map(
-            encode,
-            batched=True,
-            batch_size=1000,
-            remove_columns=list(columns),
-            cache_file_name=str(cache_dir / f"{fingerprint}.arrow"),
-            new_fingerprint=fingerprint,
-            load_from_cache_file=True,
-        )
-    if not len(tokenized):
-        return Tokenized(tokenized, np.zeros(0, np.int64), max_length, 0)
+    path = cache_dir / f"{fingerprint}.arrow"
+    if not path.is_file():
+        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+        try:
+            _write_tokens(partial, examples, tokenizer, max_length, progress)
+            os.replace(partial, path)  # whole or not at all: a crash leaves no half file to reuse
+        finally:
+            partial.unlink(missing_ok=True)
+    elif progress is not None:
+        progress(len(examples))
+    with quiet_datasets():
+        tokenized = datasets.Dataset.from_file(str(path))
     table = tokenized.with_format("arrow")[:]
     lengths = table.column("length").to_numpy().astype(np.int64)
     n_truncated = int(np.count_nonzero(table.column("truncated").to_numpy(zero_copy_only=False)))
     return Tokenized(tokenized, lengths, max_length, n_truncated)
+
+
+_BATCH = 4096  # examples per tokenizer call: the Python strings and lists in memory at once
+
+
+def _write_tokens(
+    path: Path, examples: Examples, tokenizer: Any, max_length: int, progress: Callable[[int], object] | None
+) -> None:
+    """The tokenized columns of `examples`, written batch by batch as an Arrow stream (what `datasets` reads)."""
+    import pyarrow as pa
+
+    encode = _encoder(tokenizer, max_length, examples.spec.pair)
+    names = examples.texts.column_names  # "text", and "text_pair" with --pair
+    with pa.OSFile(str(path), "wb") as sink:
+        writer = None
+        for start in range(0, max(1, len(examples)), _BATCH):
+            texts = [examples.texts.column(c).slice(start, _BATCH).to_pylist() for c in names]
+            batch = _record_batch(encode(texts))
+            if writer is None:
+                writer = pa.ipc.new_stream(sink, batch.schema)
+            writer.write_batch(batch)
+            if progress is not None:
+                progress(batch.num_rows)
+        assert writer is not None
+        writer.close()
+
+
+Encoded = dict[str, Any]  # column -> one list per example (`truncated`: one bool each)
+
+
+def _encoder(tokenizer: Any, max_length: int, pair: bool, *, fast: bool = True) -> Callable[[list[list[str]]], Encoded]:
+    """A function of one batch of texts (one list per text column) -> its token columns and `truncated`:
+    through the tokenizer's Rust backend where it has one (and `fast`), else through its own call."""
+    backend: Any = getattr(tokenizer, "backend_tokenizer", None) if fast else None
+    want_types = "token_type_ids" in tokenizer.model_input_names
+    specials = tokenizer.num_special_tokens_to_add(pair=pair)
+
+    def truncated(columns: list[list[str]], lengths: list[int]) -> list[bool]:
+        # Only an example cut to exactly max_length can have been truncated: count the whole
+        # text of those few again instead of tokenizing every text twice.
+        flags = [False] * len(lengths)
+        maybe = [i for i, n in enumerate(lengths) if n >= max_length]
+        if maybe:
+            again = [[col[i] for i in maybe] for col in columns]
+            raw = [tokenizer(col, add_special_tokens=False)["input_ids"] for col in again]
+            for j, i in enumerate(maybe):
+                flags[i] = sum(len(col[j]) for col in raw) + specials > max_length
+        return flags
+
+    def through_backend(columns: list[list[str]]) -> Encoded:
+        from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
+
+        # What tokenizer(..., truncation=True, max_length=...) sets on its backend before it encodes
+        # (reset on every batch: the recount in `truncated` turns truncation off).
+        tokenizer.set_truncation_and_padding(
+            padding_strategy=PaddingStrategy.DO_NOT_PAD,
+            truncation_strategy=TruncationStrategy.LONGEST_FIRST,
+            max_length=max_length,
+            stride=0,
+            pad_to_multiple_of=None,
+            padding_side=None,
+        )
+        backend.encode_special_tokens = bool(tokenizer.split_special_tokens)
+        # encode_batch_fast: the same encodings without character offsets, which nothing here reads.
+        encodings = backend.encode_batch_fast(list(zip(*columns, strict=True)) if pair else columns[0])
+        out: Encoded = {
+            "input_ids": [e.ids for e in encodings],
+            "special_tokens_mask": [e.special_tokens_mask for e in encodings],
+        }
+        if want_types:
+            out["token_type_ids"] = [e.type_ids for e in encodings]
+        out["truncated"] = truncated(columns, [len(ids) for ids in out["input_ids"]])
+        return out
+
+    def through_call(columns: list[list[str]]) -> Encoded:  # a tokenizer without a Rust backend
+        done = tokenizer(*columns, truncation=True, max_length=max_length, return_special_tokens_mask=True)
+        out: Encoded = {k: done[k] for k in _TOKEN_COLUMNS if k in done}
+        out["truncated"] = truncated(columns, [len(ids) for ids in out["input_ids"]])
+        return out
+
+    return through_backend if backend is not None else through_call
+
+
+_TYPES = {"input_ids": "int32", "special_tokens_mask": "int8", "token_type_ids": "int8"}  # as `datasets` stores them
+
+
+def _record_batch(encoded: Encoded) -> Any:
+    """Token lists -> Arrow list columns (one flat numpy copy each), plus `length` and `truncated`."""
+    import pyarrow as pa
+
+    ids = encoded["input_ids"]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    columns = {}
+    for name in _TOKEN_COLUMNS:
+        if name in encoded:
+            flat = np.fromiter(
+                itertools.chain.from_iterable(encoded[name]), dtype=_TYPES[name], count=int(lengths.sum())
+            )
+            columns[name] = pa.ListArray.from_arrays(offsets, pa.array(flat))
+    columns["length"] = pa.array(lengths)
+    columns["truncated"] = pa.array(encoded["truncated"], pa.bool_())
+    return pa.record_batch(columns)

@@ -131,18 +131,22 @@ def test_xnli_entry_does_what_its_documentation_says(home: Path) -> None:
     examples = load_examples(resolve_dataset("xnli"))
     assert examples.spec.split == "test" and examples.revision == hfcache.XNLI_COMMIT
     assert len(examples) == 15 * 4 * 2
-    assert examples.metadata["language"] == [lang for lang in XNLI_LANGUAGES for _ in range(8)]
-    assert examples.metadata["field"][:4] == ["premise", "hypothesis", "premise", "hypothesis"]
-    de = examples.metadata["language"].index("de")
-    assert examples.texts[de : de + 2] == [by_language["de"][0]["premise"], by_language["de"][0]["hypothesis"]]
-    assert examples.metadata["label"][de] == by_language["de"][0]["label"]
+    meta = examples.metadata.to_pydict()
+    assert meta["language"] == [lang for lang in XNLI_LANGUAGES for _ in range(8)]
+    assert meta["field"][:4] == ["premise", "hypothesis", "premise", "hypothesis"]
+    de = meta["language"].index("de")
+    assert [examples.text(de), examples.text(de + 1)] == [
+        by_language["de"][0]["premise"],
+        by_language["de"][0]["hypothesis"],
+    ]
+    assert meta["label"][de] == by_language["de"][0]["label"]
     validation = load_examples(resolve_dataset("xnli", split="validation"))
     assert len(validation) == 15 * 2 * 2
     pairs = load_examples(resolve_dataset("xnli", pair=True, limit=1))
-    assert len(pairs) == 15 and pairs.texts[0] == (by_language["ar"][0]["premise"], by_language["ar"][0]["hypothesis"])
-    assert "field" not in pairs.metadata
+    assert len(pairs) == 15 and pairs.text(0) == (by_language["ar"][0]["premise"], by_language["ar"][0]["hypothesis"])
+    assert "field" not in pairs.metadata.column_names
     two = load_examples(resolve_dataset("xnli", config="en,de"))
-    assert sorted(set(two.metadata["language"])) == ["de", "en"] and len(two) == 2 * 4 * 2
+    assert sorted(set(two.metadata["language"].to_pylist())) == ["de", "en"] and len(two) == 2 * 4 * 2
 
 
 def test_two_revisions_of_one_hub_model_are_two_stores_of_their_own_values(

@@ -1,0 +1,64 @@
+"""Stage 2, tokenize: the cached token columns equal the tokenizer's own call, for every family and pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from transformers import AutoTokenizer
+
+from pipeline.datasets import load_examples, resolve_dataset
+from pipeline.tokenize import _encoder, tokenize_examples
+
+pytestmark = pytest.mark.unit
+
+MAX_LENGTH = 24  # short enough that a good share of the sample is cut
+
+
+@pytest.mark.parametrize("family", ["bert", "xlmr", "mt5", "llama"])
+@pytest.mark.parametrize("pair", [False, True], ids=["single", "pair"])
+def test_token_columns_equal_the_tokenizers_call_and_truncation_is_counted(
+    tiny_dir: Any, tmp_path: Path, family: str, pair: bool
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir(family))
+    examples = load_examples(resolve_dataset("sample", pair=pair), tmp_path / "arrow")
+    seen: list[int] = []
+    tokenized = tokenize_examples(
+        examples, tokenizer, max_length=MAX_LENGTH, cache_dir=tmp_path / "tok", tok_hash=family, progress=seen.append
+    )
+    texts = [examples.text(i) for i in range(len(examples))]
+    columns = ([a for a, _ in texts], [b for _, b in texts]) if pair else (texts,)
+    want = tokenizer(*columns, truncation=True, max_length=MAX_LENGTH, return_special_tokens_mask=True)
+    whole = tokenizer(*columns, return_special_tokens_mask=True)["input_ids"]
+    table = tokenized.dataset.with_format("arrow")[:]
+    for name in ("input_ids", "special_tokens_mask", "token_type_ids"):
+        if name in tokenizer.model_input_names or name == "special_tokens_mask":
+            assert table.column(name).to_pylist() == want[name], name
+        else:
+            assert name not in table.column_names
+    assert tokenized.lengths.tolist() == [len(ids) for ids in want["input_ids"]]
+    cut = [len(ids) > MAX_LENGTH for ids in whole]
+    assert table.column("truncated").to_pylist() == cut and tokenized.n_truncated == sum(cut) > 0
+    assert sum(seen) == len(examples)
+    # Both encoders agree: the Rust backend's batch and the tokenizer's own call.
+    through_call = _encoder(tokenizer, MAX_LENGTH, pair, fast=False)([list(c) for c in columns])
+    through_backend = _encoder(tokenizer, MAX_LENGTH, pair)([list(c) for c in columns])
+    assert {k: through_call[k] for k in through_backend} == through_backend
+
+
+def test_a_rerun_reads_the_cached_file_and_a_crash_leaves_no_half_file(tiny_dir: Any, tmp_path: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir("bert"))
+    examples = load_examples(resolve_dataset("sample"), tmp_path / "arrow")
+
+    def boom(n: int) -> None:
+        raise KeyboardInterrupt  # stopped after the first batch was written
+
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_examples(examples, tokenizer, max_length=32, cache_dir=tmp_path / "tok", tok_hash="t", progress=boom)
+    assert list((tmp_path / "tok").iterdir()) == [], "no partial file left, none to be reused"
+    first = tokenize_examples(examples, tokenizer, max_length=32, cache_dir=tmp_path / "tok", tok_hash="t")
+    (cached,) = (tmp_path / "tok").iterdir()
+    stamp = cached.stat().st_mtime_ns
+    again = tokenize_examples(examples, tokenizer, max_length=32, cache_dir=tmp_path / "tok", tok_hash="t")
+    assert cached.stat().st_mtime_ns == stamp and again.lengths.tolist() == first.lengths.tolist()
