@@ -73,6 +73,7 @@ metrics: extract
 
 bench: install
 	$(OFFLINE) $(PY) bench/run.py $(ARGS)
+	$(OFFLINE) $(PY) -m bench.scale --budget-s 1800 $(if $(findstring --quick,$(ARGS)),--quick,)
 
 chaos: install
 	$(OFFLINE) $(PY) -m tests.chaos $(ARGS)

@@ -487,7 +487,7 @@ def table(r: dict[str, Any]) -> str:
         rows += overhead.table_rows(r["overhead_curve"])
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     stages = r["stage_seconds"][-1]
-    order = ("resolve", "tokenize", "load model", "open store", "run", "finalize", "writer (background)")
+    order = ("resolve", "tokenize", "plan", "load model", "open store", "run", "finalize", "writer (background)")
     spent = ", ".join(f"{k} {stages[k]:.1f}" for k in order if k in stages)
     lines += ["", f"where the last actcache run's time went (s): {spent}"]
     return "\n".join(lines)

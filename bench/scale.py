@@ -11,9 +11,9 @@ table and `actcache ls`. A row count whose estimate (the last one's cost, scaled
 take the whole bench past --budget-s is skipped, and said so. Then, at the largest size whose
 resolve + tokenize took over 5 s (else the largest run), the set-up is profiled in-process
 (cProfile, top 30 by cumulative time): `extract` on a cache hit, and resolve + tokenize + plan
-with the tokenized copy cached. The padding share at batch 32 and 128 is recomputed from the
-stored lengths with the run's own batching (longest first inside a shard), beside what batches
-formed by a token budget, or sorted across a window of shards, would pad.
+with the tokenized copy cached. The padding share and batches per shard at batch 32 and 128
+are recomputed from the stored lengths with the run's own batching (`pipeline.batching`), beside
+the fixed cut it replaced (longest first inside a shard, `batch_size` at a time).
 
 Prints JSON and a markdown table; writes bench/results/<date>-<host>-scale[-quick].json.
 --quick is a smoke run at 2,000 rows (well under a minute).
@@ -32,12 +32,14 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.run import REPO, timed
+from pipeline.batching import batches
 
 SAMPLE = REPO / "pipeline" / "data" / "xnli_sample.jsonl"
 BATCH = 128
@@ -45,7 +47,7 @@ LOGITS = "topk:5"
 DEFAULT_ROWS = (10_000, 100_000, 1_000_000)
 QUICK_ROWS = (2_000,)
 PROFILE_OVER_S = 5.0  # profile the largest size whose resolve + tokenize took longer than this
-STAGES = ("resolve", "tokenize", "load model", "open store", "run", "finalize")
+STAGES = ("resolve", "tokenize", "plan", "load model", "open store", "run", "finalize")
 
 
 def word_pools() -> dict[str, list[str]]:
@@ -89,44 +91,37 @@ def extract_cmd(model: Path, data: Path, cache: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def padding(lengths: np.ndarray, shards: list[tuple[int, int]], batch: int) -> float:
-    """The run's batching (pipeline/run.py `run_shard`): longest first inside each shard, `batch` at a time."""
-    computed = 0
-    for start, stop in shards:
-        ordered = np.sort(lengths[start:stop])[::-1]
-        computed += int(
-            ordered[::batch].astype(np.int64) @ np.diff(np.r_[np.arange(0, len(ordered), batch), len(ordered)])
-        )
-    return 1 - int(lengths.sum()) / computed if computed else 0.0
+def fixed_cut(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """The run's batching before issue 16: longest first, cut every `batch_size` examples."""
+    order = np.argsort(-lengths, kind="stable")
+    return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
 
 
-def padding_token_budget(lengths: np.ndarray, shards: list[tuple[int, int]], budget: int) -> float:
-    """Longest first inside each shard, a batch closed once (members x its longest) would pass `budget` tokens."""
-    computed = 0
+def padding(
+    lengths: np.ndarray,
+    shards: list[tuple[int, int]],
+    batch: int,
+    cut: Callable[[np.ndarray, int], list[np.ndarray]] = batches,
+) -> tuple[float, float]:
+    """Padding share of the positions computed and batches per shard, each shard batched by `cut`
+    (the run's own, `pipeline.batching.batches`, unless told)."""
+    computed = count = 0
     for start, stop in shards:
-        ordered = np.sort(lengths[start:stop])[::-1]
-        i = 0
-        while i < len(ordered):
-            members = max(1, budget // max(1, int(ordered[i])))
-            computed += int(ordered[i]) * len(ordered[i : i + members])
-            i += members
-    return 1 - int(lengths.sum()) / computed if computed else 0.0
+        shard = lengths[start:stop]
+        groups = cut(shard, batch)
+        computed += int(shard[[g[0] for g in groups]] @ [len(g) for g in groups])  # each group longest first
+        count += len(groups)
+    return (1 - int(lengths.sum()) / computed if computed else 0.0), count / max(1, len(shards))
 
 
 def padding_figures(lengths: np.ndarray, shards: list[tuple[int, int]]) -> dict[str, float]:
-    """Padding share: as run (batch 32, 128), by token budget, sorted across 8 shards, and over the whole set."""
-    windows = [(shards[i][0], shards[min(i + 8, len(shards)) - 1][1]) for i in range(0, len(shards), 8)]
-    mean = float(lengths.mean()) if len(lengths) else 1.0
-    return {
-        "batch32": padding(lengths, shards, 32),
-        "batch128": padding(lengths, shards, 128),
-        "budget32_tokens": padding_token_budget(lengths, shards, round(32 * mean)),
-        "budget128_tokens": padding_token_budget(lengths, shards, round(128 * mean)),
-        "batch32_window8": padding(lengths, windows, 32),
-        "batch128_window8": padding(lengths, windows, 128),
-        "batch128_global_sort": padding(lengths, [(0, len(lengths))], 128),
-        "shard_examples_mean": float(np.mean([b - a for a, b in shards])),
-    }
+    """Padding share and batches per shard at batch 32 and 128: as run, and by the fixed cut (before)."""
+    figures = {"shard_examples_mean": float(np.mean([b - a for a, b in shards]))}
+    for batch in (32, 128):
+        figures[f"batch{batch}"], figures[f"batches_per_shard{batch}"] = padding(lengths, shards, batch)
+        before = padding(lengths, shards, batch, fixed_cut)
+        figures[f"batch{batch}_fixed_cut"], figures[f"batches_per_shard{batch}_fixed_cut"] = before
+    return figures
 
 
 def read_costs(store: Path, cache: Path) -> dict[str, Any]:
@@ -236,7 +231,8 @@ def _short_paths(text: str) -> str:
 
 def table(r: dict[str, Any]) -> str:
     head = (
-        "| rows | tokens | write data s | resolve | tokenize | load model | open store | run | finalize | extract s "
+        "| rows | tokens | write data s | resolve | tokenize | plan | load model | open store | run | finalize "
+        "| extract s "
         "| run tok/s | padding (run) | peak RSS MiB | cache hit s | hit RSS MiB | open ms | examples ms "
         "| ls (process) s | list_stores ms |"
     )
@@ -253,34 +249,92 @@ def table(r: dict[str, Any]) -> str:
             f" | {f['hit_s']:.2f} | {f['hit_rss_kib'] / 1024:.0f} | {1000 * f['open_s']:.0f} | "
             f"{1000 * f['examples_s']:.0f} | {f['ls_process_s']:.2f} | {1000 * f['list_stores_s']:.0f} |"
         )
-    lines += ["", "| rows | set-up s per 1M rows (resolve+tokenize+open store) | cache hit s per 1M rows "
+    lines += ["", "| rows | set-up s per 1M rows (resolve+tokenize+plan) | cache hit s per 1M rows "
               "beyond the smallest size's (start-up) |", "|---|---|---|"]  # fmt: skip
     first = r["sizes"][0] if r["sizes"] else {}
     for f in r["sizes"]:
         stages = f["summary"]["stage_seconds"]
-        setup = sum(stages.get(k, 0.0) for k in ("resolve", "tokenize", "open store"))
+        setup = sum(stages.get(k, 0.0) for k in ("resolve", "tokenize", "plan"))
         extra = f["rows"] - first["rows"]
         beyond = f"{1e6 * (f['hit_s'] - first['hit_s']) / extra:.1f}" if extra else "-"
         lines.append(f"| {f['rows']:,} | {1e6 * setup / f['rows']:.1f} | {beyond} |")
-    lines += ["", "| rows | padding: batch 32 / 128 as run | token budget 32 / 128 x mean | sorted over 8 shards, "
-              "batch 32 / 128 | whole set sorted, 128 | examples per shard |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| rows | padding, batch 32 / 128: as run | fixed cut (before) | batches per shard, 32 / 128: "
+              "as run | fixed cut (before) | examples per shard |", "|---|---|---|---|---|---|"]  # fmt: skip
     for f in r["sizes"]:
         p = f["padding"]
         lines.append(
             f"| {f['rows']:,} | {100 * p['batch32']:.1f}% / {100 * p['batch128']:.1f}% | "
-            f"{100 * p['budget32_tokens']:.1f}% / {100 * p['budget128_tokens']:.1f}% | "
-            f"{100 * p['batch32_window8']:.1f}% / {100 * p['batch128_window8']:.1f}% | "
-            f"{100 * p['batch128_global_sort']:.1f}% | {p['shard_examples_mean']:.0f} |"
+            f"{100 * p['batch32_fixed_cut']:.1f}% / {100 * p['batch128_fixed_cut']:.1f}% | "
+            f"{p['batches_per_shard32']:.1f} / {p['batches_per_shard128']:.1f} | "
+            f"{p['batches_per_shard32_fixed_cut']:.1f} / {p['batches_per_shard128_fixed_cut']:.1f} | "
+            f"{p['shard_examples_mean']:.0f} |"
         )
     lines += [f"skipped: {s}" for s in r["skipped"]]
+    return "\n".join([*lines, "", targets(r)])
+
+
+def targets(r: dict[str, Any]) -> str:
+    """Issue 16's targets against the largest size measured, and 10M rows extrapolated from it (linearly)."""
+    if not r["sizes"]:
+        return ""
+    first, last = r["sizes"][0], r["sizes"][-1]
+    per_m = 1e6 / last["rows"]
+    stages = last["summary"]["stage_seconds"]
+    setup = sum(stages.get(k, 0.0) for k in ("resolve", "tokenize", "plan"))
+    encode = r.get("tokenizer_us_per_text", float("nan"))  # the Rust tokenizer's own cost, per example
+    rates = [f["summary"]["tokens"] / f["summary"]["stage_seconds"]["run"] for f in r["sizes"]]
+    extra = last["rows"] - first["rows"]
+    hit = 1e6 * (last["hit_s"] - first["hit_s"]) / extra if extra else float("nan")
+    lines = [
+        "| target (issue 16) | measured |",
+        "|---|---|",
+        f"| resolve + tokenize + plan <= 10 s per 1M rows | {setup * per_m:.1f} s per 1M at {last['rows']:,} rows, "
+        f"of which the tokenizer's own encode {encode:.1f} us/example = {encode:.1f} s per 1M |",
+        f"| cache hit <= 2 s per 1M rows beyond start-up | {hit:.2f} s per 1M "
+        f"({first['rows']:,} -> {last['rows']:,}) |",
+        f"| open the store <= 1 s at 1M | {last['open_s']:.2f} s at {last['rows']:,} |",
+        f"| examples table <= 1 s at 1M | {last['examples_s']:.2f} s at {last['rows']:,} |",
+        f"| `actcache ls` <= 1 s at 1M | {last['ls_process_s']:.2f} s (a whole process) at {last['rows']:,} |",
+        f"| run tokens/s within 10% across sizes | {min(rates):,.0f} - {max(rates):,.0f} tok/s "
+        f"(max/min {max(rates) / min(rates):.2f}) |",
+        f"| padding <= 5% at batch 32 and 128 | {100 * last['padding']['batch32']:.1f}% / "
+        f"{100 * last['padding']['batch128']:.1f}% |",
+    ]
+    if last["rows"] < 10_000_000:
+        scaled = {k: v * 1e7 / last["rows"] for k, v in stages.items()}
+        lines += [
+            "",
+            f"10M rows, extrapolated linearly from {last['rows']:,} (not measured): "
+            + ", ".join(f"{k} {v:,.0f} s" for k, v in scaled.items())
+            + "; peak RSS of the extract at the sizes measured: "
+            + ", ".join(f"{f['extract_rss_kib'] / 1024:.0f} MiB" for f in r["sizes"]),
+        ]
     return "\n".join(lines)
+
+
+def tokenizer_floor(model: Path, data: Path, n: int = 50_000) -> float:
+    """Microseconds per example of the tokenizer's own Rust `encode_batch_fast` on `n` of the bench's texts."""
+    from transformers import AutoTokenizer
+
+    texts = []
+    with data.open(encoding="utf-8") as rows:
+        for _, line in zip(range(n), rows, strict=False):
+            texts.append(json.loads(line)["text"])
+    backend = AutoTokenizer.from_pretrained(model).backend_tokenizer
+    backend.enable_truncation(64)
+    started = time.perf_counter()
+    for i in range(0, len(texts), 4096):
+        backend.encode_batch_fast(texts[i : i + 4096])
+    return 1e6 * (time.perf_counter() - started) / len(texts)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run at 2,000 rows")
     parser.add_argument("--rows", help="comma-separated row counts (default 10000,100000,1000000)")
-    parser.add_argument("--budget-s", type=float, default=600.0, help="skip a size whose estimate passes this")
+    parser.add_argument(
+        "--budget-s", type=float, default=1800.0, help="skip a size whose estimate passes this (default 30 min)"
+    )
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the cProfile of set-up")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
@@ -321,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
             print(f"{rows:,} rows ...", file=sys.stderr, flush=True)
             done.append(measure(rows, model, tmp))
+        if results["sizes"]:
+            results["tokenizer_us_per_text"] = tokenizer_floor(model, tmp / f"rows{results['sizes'][-1]['rows']}.jsonl")
         if args.profile and results["sizes"]:
             slow = [
                 f

@@ -78,12 +78,15 @@ class Hasher:
         import pyarrow as pa
 
         chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-        kind = _column_kind(column.type)
+        # A column of nulls only is one kind whatever its type: a .jsonl says null, a .parquet string.
+        kind = b"N" if column.null_count == len(column) else _column_kind(column.type)
         nulls, sizes, data = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
         at = 0
         for chunk in chunks:
             if pa.types.is_dictionary(chunk.type):
                 chunk = chunk.dictionary_decode()
+            if pa.types.is_string_view(chunk.type) or pa.types.is_binary_view(chunk.type):
+                chunk = chunk.cast(pa.large_string() if kind == b"s" else pa.large_binary())
             if chunk.null_count:
                 valid = chunk.is_valid().to_numpy(zero_copy_only=False)
                 nulls.update((np.flatnonzero(~valid) + at).astype("<i8").tobytes())
@@ -224,9 +227,9 @@ def _column_kind(kind: Any) -> bytes:
 
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
         return b"s"
-    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
         return b"b"
     if pa.types.is_integer(kind) and kind != pa.uint64():  # every other width fits int64
         return b"i"

@@ -29,7 +29,7 @@ import numpy as np
 from cache.bfloat16 import to_bits
 from cache.catalog import add_alias, read_manifest
 from cache.chunkio import ChunkFiles, ChunkPool
-from cache.claims import held, utcnow
+from cache.claims import claim_path, held, utcnow
 from cache.creation import create_store, created
 from cache.faults import crash_point
 from cache.files import PARTIAL_SUFFIX, flocked, lock_path, read_json, write_json
@@ -68,6 +68,7 @@ class StoreWriter:
         self._files: dict[str, ChunkFiles | None] = {}
         self._pool = ChunkPool()
         self._lease = contextlib.ExitStack()  # the writer lease, held until `close`
+        self._partials: dict[Path, list[Path]] | None = None  # crash leftovers by the file they stood in for
 
     def close(self) -> None:
         """Release the writer lease: `actcache rm` and `extract --force` may remove the store again."""
@@ -209,6 +210,8 @@ class StoreWriter:
     def claim(self, index: int) -> Iterator[ShardRange]:
         """Hold shard `index` for writing; `ShardClaimedError` if a live process holds it."""
         shard = self.geometry.shards[index]
+        if is_local(self.path) and claim_path(self.path, index).exists():
+            self._partials = None  # a claim file outlives only a dead holder: list what it left behind
         with held(self.path, self.key, index):
             self._clean_leftovers(shard)
             yield shard
@@ -255,17 +258,28 @@ class StoreWriter:
         """Remove temp files a crashed writer of this shard left (zarr's and ours; an object store has none)."""
         marker = marker_path(self.path, shard.index)
         if is_local(self.path):
+            left = self._leftovers()
             for spec in self.manifest.arrays:
                 for key in spec.shard_chunks(shard, self.geometry):
-                    chunk = self.path / spec.name / key
-                    for leftover in chunk.parent.glob(f"{chunk.name}.*{PARTIAL_SUFFIX}"):
+                    for leftover in left.pop(self.path / spec.name / key, ()):
                         leftover.unlink(missing_ok=True)
-            for leftover in marker.parent.glob(f"{marker.name}.*{PARTIAL_SUFFIX}"):
+            for leftover in left.pop(marker, ()):
                 leftover.unlink(missing_ok=True)
         if not marker.is_file():  # pending (we hold its claim, so no one commits it meanwhile)
             # A crash between the flag and the marker leaves the flag set on a pending shard: while the
             # shard is written again, zarr-only readers must not take it for done.
             (self.path / SHARD_COMMITTED / chunk_key((shard.index,))).unlink(missing_ok=True)
+
+    def _leftovers(self) -> dict[Path, list[Path]]:
+        """The store's temp files (`<name>.<random>.partial`) by the path they were to become, listed once
+        per writer and again after a dead holder's claim: a glob per chunk would list a directory of
+        every shard's chunks for each shard (quadratic in shards)."""
+        if self._partials is None:
+            self._partials = {}
+            for partial in self.path.rglob(f"*{PARTIAL_SUFFIX}"):
+                target = partial.with_name(partial.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[0])
+                self._partials.setdefault(target, []).append(partial)
+        return self._partials
 
     def write_shard(
         self,

@@ -155,7 +155,7 @@ def create_arrays(group: Any, manifest: Manifest, examples: ExampleColumns | Non
     names = [] if examples is None else examples.column_names if _is_arrow(examples) else list(examples)
     columns = metadata_columns(names)
     for column, name in columns.items():
-        _metadata(group, name, column, (examples or {})[column])
+        _metadata(group, name, column, examples[column])  # type: ignore[index]  # columns come from examples
     for spec in manifest.arrays:
         attrs = spec.attributes()
         if "example" in spec.dims and columns:

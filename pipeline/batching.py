@@ -18,9 +18,10 @@ __all__ = ["batch_overhead", "batches"]
 def batch_overhead(batch_size: int) -> int:
     """The cost of one more forward call, in positions: `batch_size // 2`.
 
-    It stands for a call's own overhead (launch, collate, scatter back). At 0 calls would be free
-    and each distinct length would get batches of its own; at half a batch's examples a shard takes
-    ~2x the fixed cut's calls at batch 128 (~1.4x at 32) and saves most of its padding.
+    It stands for a call's own overhead (launch, collate, scatter back), and is a choice, not a
+    measurement: at 0 calls would be free and each distinct length would get batches of its own;
+    at half a batch's examples a shard takes ~2x the fixed cut's calls at batch 128 (~1.4x at 32)
+    and saves most of its padding. On a GPU, where a call costs more, it may want to be larger.
     """
     return batch_size // 2
 

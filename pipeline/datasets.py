@@ -180,7 +180,7 @@ def load_examples(spec: DatasetSpec, arrow_cache: Path | None = None) -> Example
         text_table, meta_table = _examples_of(table, language, spec)
         texts.append(text_table)
         metadata.append(meta_table)
-    text = pa.concat_tables(texts)
+    text = pa.concat_tables(texts, promote_options="permissive")  # a config with a null text has large strings
     try:
         meta = pa.concat_tables(metadata, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -213,7 +213,11 @@ def _examples_of(table: Any, language: str | None, spec: DatasetSpec) -> tuple[A
     else:
         interleaved = np.arange(rows * per_row).reshape(per_row, rows).T.ravel()
         texts = pa.table(
-            {"text": pa.chunked_array([c for s in strings for c in s.cast(pa.large_string()).chunks]).take(interleaved)}
+            {
+                "text": pa.chunked_array(
+                    [c for s in strings for c in s.cast(pa.large_string()).chunks], pa.large_string()
+                ).take(interleaved)
+            }
         )
     meta = table.drop_columns(list(spec.text_columns))
     if language is not None and "language" not in meta.column_names:

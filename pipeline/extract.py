@@ -206,6 +206,7 @@ def extract(
         hidden=resolved.hidden_size,
         store_dtype=outputs.store_dtype,
     )
+    stages.lap("plan")
     if estimate := check_full_logits(outputs, geometry.n_tokens, resolved.vocab_size, cfg.max_full_logits_gb):
         say(estimate)
 

@@ -30,7 +30,7 @@ def plan(lengths: Sequence[int] | np.ndarray, *, shard_tokens: int, hidden: int,
     mean = max(1.0, float(np.mean(lengths))) if len(lengths) else 1.0
     # Shards end on multiples of the example chunk: make it about a shard's worth of examples.
     example_chunk = int(min(1024, max(4, 2 ** math.floor(math.log2(max(1.0, shard_tokens / mean))))))
-    return plan_geometry(list(lengths), shard_tokens=shard_tokens, token_chunk=token_chunk, example_chunk=example_chunk)
+    return plan_geometry(lengths, shard_tokens=shard_tokens, token_chunk=token_chunk, example_chunk=example_chunk)
 
 
 def default_token_chunk(hidden: int, itemsize: int, target_bytes: int = 2 << 20) -> int:
@@ -39,7 +39,9 @@ def default_token_chunk(hidden: int, itemsize: int, target_bytes: int = 2 << 20)
     return int(min(65536, max(256, 2 ** round(math.log2(tokens)))))
 
 
-def plan_geometry(lengths: Sequence[int], *, shard_tokens: int, token_chunk: int, example_chunk: int) -> Geometry:
+def plan_geometry(
+    lengths: Sequence[int] | np.ndarray, *, shard_tokens: int, token_chunk: int, example_chunk: int
+) -> Geometry:
     """Split examples into shards of about `shard_tokens` tokens, in blocks of `example_chunk`.
 
     A shard closes once it holds `shard_tokens` tokens or more; it always ends on a
@@ -53,15 +55,18 @@ def plan_geometry(lengths: Sequence[int], *, shard_tokens: int, token_chunk: int
     ):
         if int(value) < 1:
             raise ConfigError(f"{name} must be a positive number of tokens/examples, got {value!r}")
-    if any(n < 0 for n in lengths):
+    counts = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if (counts < 0).any():
         raise ConfigError("token lengths cannot be negative")
     shards: list[ShardRange] = []
     ex_start = tok_start = phys_start = 0
     tokens = 0
-    n = len(lengths)
-    for block_start in range(0, n, example_chunk):
+    n = len(counts)
+    # Tokens per block of examples in numpy: the loop below is per block, not per example.
+    blocks = np.add.reduceat(counts, np.arange(0, n, example_chunk)).tolist() if n else []
+    for block_start, block_tokens in zip(range(0, n, example_chunk), blocks, strict=True):
         block_stop = min(n, block_start + example_chunk)
-        tokens += sum(lengths[block_start:block_stop])
+        tokens += block_tokens
         if tokens >= shard_tokens or block_stop == n:
             shard = ShardRange(len(shards), ex_start, block_stop, tok_start, tok_start + tokens, phys_start)
             shards.append(shard)

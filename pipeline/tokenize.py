@@ -145,22 +145,17 @@ def _encoder(tokenizer: Any, max_length: int, pair: bool, *, fast: bool = True) 
                 flags[i] = sum(len(col[j]) for col in raw) + specials > max_length
         return flags
 
-    def through_backend(columns: list[list[str]]) -> Encoded:
-        from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
+    if backend is not None:
+        # A copy set as tokenizer(..., truncation=True, max_length=...) sets its own backend before it
+        # encodes: the caller's tokenizer is left as it was.
+        rust = type(backend).from_str(backend.to_str())
+        rust.no_padding()
+        rust.enable_truncation(max_length, stride=0, strategy="longest_first", direction=tokenizer.truncation_side)
+        rust.encode_special_tokens = bool(tokenizer.split_special_tokens)
 
-        # What tokenizer(..., truncation=True, max_length=...) sets on its backend before it encodes
-        # (reset on every batch: the recount in `truncated` turns truncation off).
-        tokenizer.set_truncation_and_padding(
-            padding_strategy=PaddingStrategy.DO_NOT_PAD,
-            truncation_strategy=TruncationStrategy.LONGEST_FIRST,
-            max_length=max_length,
-            stride=0,
-            pad_to_multiple_of=None,
-            padding_side=None,
-        )
-        backend.encode_special_tokens = bool(tokenizer.split_special_tokens)
+    def through_backend(columns: list[list[str]]) -> Encoded:
         # encode_batch_fast: the same encodings without character offsets, which nothing here reads.
-        encodings = backend.encode_batch_fast(list(zip(*columns, strict=True)) if pair else columns[0])
+        encodings = rust.encode_batch_fast(list(zip(*columns, strict=True)) if pair else columns[0])
         out: Encoded = {
             "input_ids": [e.ids for e in encodings],
             "special_tokens_mask": [e.special_tokens_mask for e in encodings],

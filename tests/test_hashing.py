@@ -174,13 +174,16 @@ def test_an_arrow_column_hashes_by_its_values_not_its_buffers() -> None:
     alike = [
         text,
         pa.chunked_array([text[:2], text[2:]]),
-        pa.chunked_array([pa.array(["x"]), text]).slice(1),  # a slice: its offsets start mid-buffer
+        pa.array(["x", *text.to_pylist()]).slice(1),  # a slice: its offsets start mid-buffer
+        pa.array(["x", *text.to_pylist()], pa.large_string()).slice(1),
         text.cast(pa.large_string()),
+        text.cast(pa.string_view()),
         text.dictionary_encode(),
     ]
     assert len({_column_digest(c) for c in alike}) == 1
     ints = pa.array([1, None, 3])
     assert _column_digest(ints) == _column_digest(ints.cast(pa.int32())) == _column_digest(pa.chunked_array([ints]))
+    assert _column_digest(pa.nulls(3)) == _column_digest(pa.nulls(3, pa.string())), "nulls only: .jsonl vs .parquet"
     floats = pa.array([1.5, float("nan"), None])
     assert _column_digest(floats) == _column_digest(pa.array([1.5, -float("nan"), None], pa.float32()))
     apart = [

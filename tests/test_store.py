@@ -34,6 +34,7 @@ from cache import (
 )
 from cache import claims as claims_module
 from cache.chunkio import ChunkFiles
+from cache.claims import claim_path
 from cache.integrity import marker_path
 from cache.paths import alias_path, cache_root
 from cache.zattrs import compressors
@@ -458,6 +459,7 @@ def test_crash_leftovers_are_ignored_and_cleaned(_cache_root: Path) -> None:
     leftover.write_bytes(b"half a chunk")
     marker_tmp = writer.path / "shards" / "000002.json.cafe.partial"
     marker_tmp.write_text("{")
+    claim_path(writer.path, 2).write_text("pid 1 on a lost host")  # what a killed holder leaves
     acts = open_activations(writer.key, allow_partial=True)
     assert acts.n_examples == len(data.lengths) - shard.n_examples, "shard 2 is not served"
     with pytest.raises(IncompleteStoreError):

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from transformers import AutoTokenizer
 
+from pipeline import tokenize
 from pipeline.datasets import load_examples, resolve_dataset
 from pipeline.tokenize import _encoder, tokenize_examples
 
@@ -19,9 +20,12 @@ MAX_LENGTH = 24  # short enough that a good share of the sample is cut
 @pytest.mark.parametrize("family", ["bert", "xlmr", "mt5", "llama"])
 @pytest.mark.parametrize("pair", [False, True], ids=["single", "pair"])
 def test_token_columns_equal_the_tokenizers_call_and_truncation_is_counted(
-    tiny_dir: Any, tmp_path: Path, family: str, pair: bool
+    tiny_dir: Any, tmp_path: Path, family: str, pair: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """In batches of 64 (the sample's 420 examples or 210 pairs take several): each equal to the call's."""
+    monkeypatch.setattr(tokenize, "_BATCH", 64)
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir(family))
+    settings = (tokenizer.backend_tokenizer.truncation, tokenizer.backend_tokenizer.padding)
     examples = load_examples(resolve_dataset("sample", pair=pair), tmp_path / "arrow")
     seen: list[int] = []
     tokenized = tokenize_examples(
@@ -40,7 +44,8 @@ def test_token_columns_equal_the_tokenizers_call_and_truncation_is_counted(
     assert tokenized.lengths.tolist() == [len(ids) for ids in want["input_ids"]]
     cut = [len(ids) > MAX_LENGTH for ids in whole]
     assert table.column("truncated").to_pylist() == cut and tokenized.n_truncated == sum(cut) > 0
-    assert sum(seen) == len(examples)
+    assert sum(seen) == len(examples) and len(seen) == -(-len(examples) // 64)
+    assert (tokenizer.backend_tokenizer.truncation, tokenizer.backend_tokenizer.padding) == settings, "left as found"
     # Both encoders agree: the Rust backend's batch and the tokenizer's own call.
     through_call = _encoder(tokenizer, MAX_LENGTH, pair, fast=False)([list(c) for c in columns])
     through_backend = _encoder(tokenizer, MAX_LENGTH, pair)([list(c) for c in columns])
