@@ -1,6 +1,7 @@
 """Scale (issue 16): set-up, run, cache hit and reads from 10 thousand to a million examples.
 
-    .venv/bin/python -m bench.scale [--quick] [--rows 10000,100000,1000000] [--budget-s 600] [--no-profile]
+    .venv/bin/python -m bench.scale [--quick] [--rows 10000,100000,1000000] [--budget-s 1800] [--no-profile]
+                                    [--work DIR]
 
 Synthetic short multilingual texts (3-60 words, mostly short, words drawn from the shipped
 sample's 15 languages; `id` and `language` columns) in a .jsonl, through a tiny random BERT
@@ -179,6 +180,63 @@ def measure(rows: int, model: Path, tmp: Path) -> dict[str, Any]:
     return figures
 
 
+def shard_rates(rows: int, model: Path, tmp: Path, n: int = 10, rounds: int = 2) -> dict[str, Any]:
+    """Tokens/s of `run_shard` alone (no writer, no store) over the first and the last `n` shards of the
+    plan at `rows`, `rounds` times alternating: whether the compute loop's cost per token depends on where
+    in the dataset a shard is (with the tokenized copy the extract cached)."""
+    from cache import cache_root
+    from cache.catalog import read_manifest
+    from cache.paths import work_dir
+    from pipeline.buffers import BufferPool
+    from pipeline.datasets import resolve_dataset
+    from pipeline.models import load_model
+    from pipeline.reduce import Reducer
+    from pipeline.resolve import resolve
+    from pipeline.run import RunStats, run_shard
+    from pipeline.stop import StopFlag
+    from pipeline.tokenize import tokenize_examples
+    from schemas import OutputSpec
+    from schemas.store import TOKENIZED_DIR
+
+    data, cache = tmp / f"rows{rows}.jsonl", tmp / f"cache{rows}"
+    side, outputs = work_dir(cache_root(str(cache))), OutputSpec(logits=LOGITS)
+    resolved = resolve(str(model), resolve_dataset(str(data)), outputs, cache_dir=side)
+    prepared = resolved.prepared
+    tokenized = tokenize_examples(
+        resolved.examples, prepared.tokenizer, max_length=prepared.max_length,
+        cache_dir=side / TOKENIZED_DIR, tok_hash=resolved.tokenizer_hash,
+    )  # fmt: skip
+    manifest = read_manifest(cache_root(str(cache)) / "stores" / f"{resolved.key}.zarr")
+    poolings = {"encoder": outputs.poolings("encoder")}
+    reducer = Reducer(
+        layers=resolved.layers, stacks=("encoder",), poolings=poolings, store_dtype=outputs.store_dtype,
+        topk=outputs.topk, logits=LOGITS, target="observed", token_level=True,
+    )  # fmt: skip
+    runner = load_model(str(model), device="cpu")
+    shards = manifest.geometry.shards
+    picked = {"first": shards[:n], "last": shards[-n:]}
+    pool = BufferPool(manifest.arrays, [*picked["first"], *picked["last"]])
+    seen: dict[str, list[float]] = {"first": [], "last": []}
+    quiet = type("Quiet", (), {"update": lambda self, k: None, "set_postfix_str": lambda self, *a, **k: None})()
+    for _ in range(rounds):
+        for where, group in picked.items():
+            for shard in group:
+                buffers, views = pool.take(shard)
+                started = time.perf_counter()
+                run_shard(
+                    runner, tokenized, manifest.arrays, reducer, shard, views,
+                    batch_size=BATCH, progress=quiet, flag=StopFlag(), stats=RunStats(),
+                )  # fmt: skip
+                seen[where].append(shard.n_tokens / (time.perf_counter() - started))
+                pool.give_back(buffers)
+    return {
+        "rows": rows,
+        "shards": len(shards),
+        **{f"{where}_tok_s_median": float(np.median(rates)) for where, rates in seen.items()},
+        "last_over_first": float(np.median(seen["last"]) / np.median(seen["first"])),
+    }
+
+
 def profile_setup(rows: int, model: Path, tmp: Path, top: int = 30) -> dict[str, Any]:
     """cProfile of `extract` on a cache hit, and of resolve + tokenize + plan (tokenized copy cached)."""
     from cache import cache_root
@@ -297,6 +355,13 @@ def targets(r: dict[str, Any]) -> str:
         f"| `actcache ls` <= 1 s at 1M | {last['ls_process_s']:.2f} s (a whole process) at {last['rows']:,} |",
         f"| run tokens/s within 10% across sizes | {min(rates):,.0f} - {max(rates):,.0f} tok/s "
         f"(max/min {max(rates) / min(rates):.2f}) |",
+        f"| (the compute loop alone, first vs last shards at {last['rows']:,}) | "
+        + (
+            f"{r['shard_rates']['first_tok_s_median']:,.0f} vs {r['shard_rates']['last_tok_s_median']:,.0f} tok/s "
+            f"(last/first {r['shard_rates']['last_over_first']:.2f}) |"
+            if "shard_rates" in r
+            else "- |"
+        ),
         f"| padding <= 5% at batch 32 and 128 | {100 * last['padding']['batch32']:.1f}% / "
         f"{100 * last['padding']['batch128']:.1f}% |",
     ]
@@ -337,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the cProfile of set-up")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--work", type=Path, help="where the data and caches go (default: the system's temp dir)")
     args = parser.parse_args(argv)
     sizes = (
         [int(n) for n in args.rows.replace("_", "").split(",") if n]
@@ -355,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": [],
         "skipped": [],
     }
-    with tempfile.TemporaryDirectory(prefix="actcache-bench-scale-") as tmp_name:
+    results["work"] = str(args.work or tempfile.gettempdir())
+    with tempfile.TemporaryDirectory(prefix="actcache-bench-scale-", dir=args.work) as tmp_name:
         tmp = Path(tmp_name)
         from tests.factory import save_tiny
 
@@ -376,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{rows:,} rows ...", file=sys.stderr, flush=True)
             done.append(measure(rows, model, tmp))
         if results["sizes"]:
+            print("per-shard compute at the start and the end of the largest size ...", file=sys.stderr, flush=True)
+            results["shard_rates"] = shard_rates(results["sizes"][-1]["rows"], model, tmp)
             results["tokenizer_us_per_text"] = tokenizer_floor(model, tmp / f"rows{results['sizes'][-1]['rows']}.jsonl")
         if args.profile and results["sizes"]:
             slow = [
@@ -390,9 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     results["total_s"] = time.perf_counter() - started
     from bench.run import save
 
-    save(
-        results, args.out, f"{results['date']}-{results['host']}-scale{'-quick' if args.quick else ''}", table(results)
-    )
+    tag = "-quick" if args.quick else "-shm" if str(args.work or "").startswith("/dev/shm") else ""
+    save(results, args.out, f"{results['date']}-{results['host']}-scale{tag}", table(results))
     return 0
 
 
