@@ -186,7 +186,7 @@ def shard_rates(rows: int, model: Path, tmp: Path, n: int = 10, rounds: int = 2)
     in the dataset a shard is (with the tokenized copy the extract cached)."""
     from cache import cache_root
     from cache.catalog import read_manifest
-    from cache.paths import work_dir
+    from cache.paths import store_path, work_dir
     from pipeline.buffers import BufferPool
     from pipeline.datasets import resolve_dataset
     from pipeline.models import load_model
@@ -194,19 +194,13 @@ def shard_rates(rows: int, model: Path, tmp: Path, n: int = 10, rounds: int = 2)
     from pipeline.resolve import resolve
     from pipeline.run import RunStats, run_shard
     from pipeline.stop import StopFlag
-    from pipeline.tokenize import tokenize_examples
     from schemas import OutputSpec
-    from schemas.store import TOKENIZED_DIR
 
     data, cache = tmp / f"rows{rows}.jsonl", tmp / f"cache{rows}"
     side, outputs = work_dir(cache_root(str(cache))), OutputSpec(logits=LOGITS)
     resolved = resolve(str(model), resolve_dataset(str(data)), outputs, cache_dir=side)
-    prepared = resolved.prepared
-    tokenized = tokenize_examples(
-        resolved.examples, prepared.tokenizer, max_length=prepared.max_length,
-        cache_dir=side / TOKENIZED_DIR, tok_hash=resolved.tokenizer_hash,
-    )  # fmt: skip
-    manifest = read_manifest(cache_root(str(cache)) / "stores" / f"{resolved.key}.zarr")
+    tokenized = resolved.tokenize(side)
+    manifest = read_manifest(store_path(cache_root(str(cache)), resolved.key))
     poolings = {"encoder": outputs.poolings("encoder")}
     reducer = Reducer(
         layers=resolved.layers, stacks=("encoder",), poolings=poolings, store_dtype=outputs.store_dtype,
@@ -245,9 +239,7 @@ def profile_setup(rows: int, model: Path, tmp: Path, top: int = 30) -> dict[str,
     from pipeline.extract import ExtractConfig, extract
     from pipeline.plan import DEFAULT_SHARD_TOKENS, plan
     from pipeline.resolve import resolve
-    from pipeline.tokenize import tokenize_examples
     from schemas import OutputSpec
-    from schemas.store import TOKENIZED_DIR
 
     data, cache = tmp / f"rows{rows}.jsonl", tmp / f"cache{rows}"
     cfg = ExtractConfig(
@@ -257,13 +249,7 @@ def profile_setup(rows: int, model: Path, tmp: Path, top: int = 30) -> dict[str,
     def setup() -> None:
         side = work_dir(cache_root(str(cache)))
         resolved = resolve(str(model), resolve_dataset(str(data)), OutputSpec(logits=LOGITS), cache_dir=side)
-        tokenized = tokenize_examples(
-            resolved.examples,
-            resolved.prepared.tokenizer,
-            max_length=resolved.prepared.max_length,
-            cache_dir=side / TOKENIZED_DIR,
-            tok_hash=resolved.tokenizer_hash,
-        )
+        tokenized = resolved.tokenize(side)
         plan(tokenized.lengths, shard_tokens=DEFAULT_SHARD_TOKENS, hidden=resolved.hidden_size, store_dtype="float16")
 
     result: dict[str, Any] = {"rows": rows}

@@ -49,9 +49,8 @@ class ChunkFiles:
     fill: Any
     codec: Any  # numcodecs.Blosc, or None for uncompressed chunks
     local: bool = True  # False: `directory` is an fsspec path (an object store), read through fsspec
-    pool: ChunkPool | None = field(
-        default=None, compare=False
-    )  # decodes or encodes several chunks at once; None: one by one
+    # Decodes or encodes several chunks at once; None: one by one.
+    pool: ChunkPool | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, array: Any, directory: Path, lead: int, pool: ChunkPool | None = None) -> ChunkFiles | None:

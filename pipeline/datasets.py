@@ -218,13 +218,8 @@ def _examples_of(table: Any, language: str | None, spec: DatasetSpec) -> tuple[A
         texts = pa.table({"text": strings[0]})
     else:
         interleaved = np.arange(rows * per_row).reshape(per_row, rows).T.ravel()
-        texts = pa.table(
-            {
-                "text": pa.chunked_array(
-                    [c for s in strings for c in s.cast(pa.large_string()).chunks], pa.large_string()
-                ).take(interleaved)
-            }
-        )
+        stacked = [chunk for s in strings for chunk in s.cast(pa.large_string()).chunks]
+        texts = pa.table({"text": pa.chunked_array(stacked, pa.large_string()).take(interleaved)})
     meta = table.drop_columns(list(spec.text_columns))
     if language is not None and "language" not in meta.column_names:
         meta = meta.append_column("language", pa.repeat(pa.scalar(language, pa.string()), rows))

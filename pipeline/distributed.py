@@ -473,14 +473,10 @@ def _tokenized(path: str) -> Any:
     """The tokenized dataset the client saved (memory-mapped Arrow), with its lengths; kept for the next shard."""
     if _state.tokenized is not None and _state.tokenized[0] == path:
         return _state.tokenized[1]
-    import datasets
-
     from pipeline.tokenize import Tokenized
 
-    dataset = datasets.Dataset.from_file(str(_local_copy(path)))
-    lengths = dataset.with_format("arrow")[:].column("length").to_numpy().astype("int64")
-    # max_length and the truncation count are the client's business: a shard needs ids and lengths.
-    tokenized = Tokenized(dataset, lengths, max_length=0, n_truncated=0)
+    # max_length is the client's business: a shard needs ids and lengths.
+    tokenized = Tokenized.open(_local_copy(path), max_length=0)
     _state.tokenized = (path, tokenized)
     return tokenized
 

@@ -31,11 +31,10 @@ from pipeline.reduce import Reducer
 from pipeline.resolve import Resolved, resolve
 from pipeline.run import RunHooks, run_shards
 from pipeline.stop import StopFlag
-from pipeline.tokenize import tokenize_examples
 from schemas import ConfigError, OutputSpec
 from schemas.arrays import build_arrays
 from schemas.manifest import Manifest
-from schemas.store import POOLINGS, STACKS_BY_ARCH, TOKENIZED_DIR
+from schemas.store import POOLINGS, STACKS_BY_ARCH
 
 __all__ = ["ExtractConfig", "ExtractResult", "extract"]
 
@@ -188,14 +187,7 @@ def extract(
         desc="tokenize",
         delay=2.0,
     ) as bar:
-        tokenized = tokenize_examples(
-            resolved.examples,
-            resolved.prepared.tokenizer,
-            max_length=resolved.prepared.max_length,
-            cache_dir=side / TOKENIZED_DIR,
-            tok_hash=resolved.tokenizer_hash,
-            progress=bar.update,
-        )
+        tokenized = resolved.tokenize(side, progress=bar.update)
     stages.lap("tokenize")
     crash_point("after-tokenize")
     if len(tokenized.lengths) == 0:

@@ -7,6 +7,7 @@ model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,11 @@ from pipeline.datasets import Examples, load_examples
 from pipeline.models import resolve_spec
 from pipeline.models.base import Prepared, prepare, quantization_bits
 from pipeline.models.helpers import resolve_dtype
-from pipeline.tokenize import tokenizer_hash
+from pipeline.tokenize import Tokenized, tokenize_examples, tokenizer_hash
 from schemas import CheckpointError, ExtractionRequest, ModelSpec, OutputSpec
 from schemas.dataset import DatasetSpec
 from schemas.model import parse_dtype_name
-from schemas.store import DATASETS_DIR
+from schemas.store import DATASETS_DIR, TOKENIZED_DIR
 
 __all__ = ["Resolved", "model_depths", "resolve"]
 
@@ -42,6 +43,18 @@ class Resolved:
     layers: tuple[int, ...]
     quant_bits: int | None
     dtype: str
+
+    def tokenize(self, cache_dir: Path, progress: Callable[[int], object] | None = None) -> Tokenized:
+        """These examples through this tokenizer at the model's max length, cached under `cache_dir`
+        (the work directory `resolve` was given) by content."""
+        return tokenize_examples(
+            self.examples,
+            self.prepared.tokenizer,
+            max_length=self.prepared.max_length,
+            cache_dir=cache_dir / TOKENIZED_DIR,
+            tok_hash=self.tokenizer_hash,
+            progress=progress,
+        )
 
 
 def model_depths(config: dict[str, Any], arch: str) -> tuple[int, int, int]:

@@ -51,6 +51,18 @@ class Tokenized:
     max_length: int
     n_truncated: int
 
+    @classmethod
+    def open(cls, path: Path, max_length: int) -> Tokenized:
+        """A tokenized file as `tokenize_examples` wrote it, memory-mapped, with its lengths and truncation count."""
+        import datasets
+
+        with quiet_datasets():
+            dataset = datasets.Dataset.from_file(str(path))
+        table = dataset.with_format("arrow")[:]
+        lengths = table.column("length").to_numpy().astype(np.int64)
+        n_truncated = int(np.count_nonzero(table.column("truncated").to_numpy(zero_copy_only=False)))
+        return cls(dataset, lengths, max_length, n_truncated)
+
     def flat(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """The token columns of examples [start, stop), examples back to back (one Arrow read)."""
         table = self.dataset.with_format("arrow")[start:stop]
@@ -75,8 +87,6 @@ def tokenize_examples(
     Equal to `tokenizer(texts, truncation=True, max_length=max_length,
     return_special_tokens_mask=True)`; `progress` is called with each batch's count of examples.
     """
-    import datasets
-
     pair = examples.spec.pair
     fingerprint = hash_value(examples.content_hash, tok_hash, max_length, pair, _VERSION, length=32)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -90,12 +100,7 @@ def tokenize_examples(
             partial.unlink(missing_ok=True)
     elif progress is not None:
         progress(len(examples))
-    with quiet_datasets():
-        tokenized = datasets.Dataset.from_file(str(path))
-    table = tokenized.with_format("arrow")[:]
-    lengths = table.column("length").to_numpy().astype(np.int64)
-    n_truncated = int(np.count_nonzero(table.column("truncated").to_numpy(zero_copy_only=False)))
-    return Tokenized(tokenized, lengths, max_length, n_truncated)
+    return Tokenized.open(path, max_length)
 
 
 _BATCH = 4096  # examples per tokenizer call: the Python strings and lists in memory at once
