@@ -10,6 +10,7 @@ rerun (or another `--out`) is a read of a small CSV.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -23,31 +24,49 @@ from cache.files import atomic_write_bytes
 from cache.keys import hash_value
 from cache.paths import cache_root, work_dir
 from metrics.cka import DEFAULT_CKA_MEMORY, cka_matrix
+from metrics.neighbours import knn_indices, knn_overlap
 from metrics.probes import DEFAULT_PROBE_MEMORY, probe_accuracy
-from metrics.retrieval import Alignment, retrieval_p1
+from metrics.retrieval import Alignment, Outcomes, retrieval_outcomes
 from metrics.rows import StoreRows
 from schemas import ConfigError
 from schemas.store import METRICS_DIR
 
-__all__ = ["COLUMNS", "METRICS", "MetricsConfig", "MetricsResult", "run_metrics"]
+__all__ = ["COLUMNS", "DEFAULT_METRICS", "METRICS", "MetricsConfig", "MetricsResult", "run_metrics"]
 
-COLUMNS = ("metric", "store", "store_b", "layer", "layer_b", "src_lang", "tgt_lang", "value")
-METRICS = ("retrieval", "cka", "probe")
+COLUMNS = ("metric", "store", "store_b", "layer", "layer_b", "src_lang", "tgt_lang", "value", "ci_low", "ci_high")
+METRICS = {  # what each measures, in one line (--help)
+    "retrieval": "cross-lingual retrieval P@1: the share of items whose cosine nearest neighbour in another "
+    "language is their translation (rows retrieval_p1)",
+    "cka": "linear CKA between layers (and against --against): exact, biased estimator (rows cka)",
+    "probe": "linear probe accuracy, stratified k-fold: how linearly decodable language and label are "
+    "(rows probe_<column>)",
+    "cka_debiased": "linear CKA from the unbiased HSIC estimator: ~0 for unrelated layers even with few examples "
+    "(rows cka_debiased)",
+    "mknn": "mutual k-nearest-neighbour alignment: the share of each example's --mknn-k cosine neighbours two "
+    "layers have in common (rows mknn)",
+    "retrieval_margin": "retrieval P@1 by the ratio margin of Artetxe and Schwenk (2019), which discounts hub "
+    "vectors; beside plain cosine P@1 (rows retrieval_margin_p1 and retrieval_p1)",
+}
+DEFAULT_METRICS = ("retrieval", "cka", "probe")  # the others cost more or repeat these: asked by name
+MIN_BOOTSTRAP = 10  # fewer resamples give no usable 95% interval
+CONFIDENCE = 0.95
 POOLINGS = ("mean", "first", "last")
 LANGUAGE_COLUMN = "language"
 LABEL_COLUMN = "label"
 FIELD_COLUMN = "field"
 AUTO_ALIGN = "id"  # where translations share it; else an item's index within its language (and field), as XNLI's
 BY_POSITION = "index within language"
-_VERSION = 1  # of the metrics' definitions: a change that alters values makes cached results stale
+_VERSION = 2  # of the metrics' rows: a change that alters them (2: interval columns) makes cached results stale
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     """What `actcache metrics` runs. `store` (and `against`) as `open_activations` takes them.
 
-    `metrics` None: every metric the store's metadata allows (retrieval needs a `language`
-    column and aligned items, probes a column to predict). `layers` None: all stored.
+    `metrics` None: each of `DEFAULT_METRICS` the store's metadata allows (retrieval needs a
+    `language` column and aligned items, probes a column to predict). `layers` None: all
+    stored. `bootstrap` B > 0: 95% percentile intervals from B resamples of the examples
+    (of aligned groups for retrieval), drawn from `seed`, in `ci_low` / `ci_high`.
     """
 
     store: str
@@ -60,6 +79,9 @@ class MetricsConfig:
     align_column: str | None = None  # None: `id` where translations share it, else `row`
     folds: int = 5
     seed: int = 0
+    mknn_k: int = 10
+    margin_k: int = 4
+    bootstrap: int = 0
     cka_memory: int = DEFAULT_CKA_MEMORY
     probe_memory: int = DEFAULT_PROBE_MEMORY
     cache_dir: str | os.PathLike[str] | None = None
@@ -111,7 +133,7 @@ def run_metrics(config: MetricsConfig, *, say: Callable[[str], None] | None = No
                 rows = pd.read_csv(
                     memo,
                     keep_default_na=False,
-                    na_values={"value": [""]},
+                    na_values={"value": [""], "ci_low": [""], "ci_high": [""]},
                     dtype={"store_b": str, "src_lang": str, "tgt_lang": str},
                 )
                 cached.append(metric)
@@ -121,6 +143,7 @@ def run_metrics(config: MetricsConfig, *, say: Callable[[str], None] | None = No
                 memo.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(memo, rows.to_csv(index=False).encode(), durable=False)
             say(f"{metric}: {len(rows)} rows{' (cached)' if metric in cached else ''}")
+            notes += _undefined(rows)
             results.append(rows)
         names = {acts.key: _name(acts)} | ({other.key: _name(other)} if other is not None else {})
     out = Path(config.out)
@@ -142,6 +165,14 @@ def run_metrics(config: MetricsConfig, *, say: Callable[[str], None] | None = No
         "languages": ", ".join(plan.languages) or "-",
         "retrieval centring": "per-language mean subtracted" if config.center else "none",
         "probes": f"{config.folds}-fold stratified, seed {config.seed}",
+        "mknn": f"k = {config.mknn_k}",
+        "retrieval margin": f"k = {config.margin_k}",
+        "intervals": (
+            f"{CONFIDENCE:.0%} percentile bootstrap, {config.bootstrap} resamples of the examples (of aligned "
+            f"groups for retrieval), seed {config.seed}"
+            if config.bootstrap
+            else "none (--bootstrap B)"
+        ),
         **{f"note {i + 1}": text for i, text in enumerate(notes)},
     }
     report = write_report(frame, pngs, out / "report.html", title=f"actcache metrics: {names[acts.key]}", facts=facts)
@@ -169,13 +200,22 @@ def _check(config: MetricsConfig) -> None:
         raise ConfigError(f"unknown pooling {config.pooling!r}; choose from {', '.join(POOLINGS)}")
     if config.folds < 2:
         raise ConfigError(f"--folds must be at least 2, got {config.folds}")
+    for flag, k in (("--mknn-k", config.mknn_k), ("--margin-k", config.margin_k)):
+        if k < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {k}")
+    if config.bootstrap < 0 or 0 < config.bootstrap < MIN_BOOTSTRAP:
+        raise ConfigError(
+            f"--bootstrap {config.bootstrap}: too few resamples for a {CONFIDENCE:.0%} interval. "
+            f"Fix: 0 (no intervals) or at least {MIN_BOOTSTRAP}; 1000 for figures in a paper."
+        )
 
 
 def _plan(config: MetricsConfig, table: Any) -> _Plan:
     """Which metrics run, on which metadata; explicit requests that cannot run are errors naming the fix."""
     asked = config.metrics
-    wanted = asked or METRICS
+    wanted = asked or DEFAULT_METRICS
     columns = list(table.columns)
+    n = len(table)
     languages = tuple(sorted({str(v) for v in table[LANGUAGE_COLUMN]})) if LANGUAGE_COLUMN in columns else ()
     metrics: list[str] = []
     notes: list[str] = []
@@ -186,22 +226,36 @@ def _plan(config: MetricsConfig, table: Any) -> _Plan:
             raise ConfigError(f"cannot run {metric}: {why}. Fix: {fix}")
         notes.append(f"{metric} skipped: {why}")
 
-    if "retrieval" in wanted:
+    for retrieval in ("retrieval", "retrieval_margin"):
+        if retrieval not in wanted:
+            continue
         if len(languages) < 2:
             why = f"the examples have {'one language' if languages else 'no language column'}"
-            cannot(
-                "retrieval", why, "extract a dataset of several languages (a `language` column) or --metrics cka,probe"
-            )
-        else:
+            fix = "extract a dataset of several languages (a `language` column) or --metrics cka,probe"
+            cannot(retrieval, why, fix)
+            continue
+        if alignment is None:
             align, alignment = _aligned(config.align_column, table, columns)
-            if _no_pairs(alignment):
-                why = f"no item shares its {align!r} value with an item of another language"
-                cannot("retrieval", why, "name the column translations share with --align-column")
-                alignment = None
-            else:
-                metrics.append("retrieval")
+        if _no_pairs(alignment):
+            why = f"no item shares its {align!r} value with an item of another language"
+            cannot(retrieval, why, "name the column translations share with --align-column")
+        else:
+            metrics.append(retrieval)
+    if "retrieval_margin" in metrics and "retrieval" in metrics:
+        metrics.remove("retrieval")  # the margin's pass reports plain cosine P@1 beside it
     if "cka" in wanted:
         metrics.append("cka")
+    if "cka_debiased" in wanted:
+        if n < 4:
+            cannot("cka_debiased", f"the unbiased estimator needs at least 4 examples; the store has {n}", "use cka")
+        else:
+            metrics.append("cka_debiased")
+    if "mknn" in wanted:
+        if n <= config.mknn_k:
+            why = f"{config.mknn_k} neighbours need more than {config.mknn_k} examples; the store has {n}"
+            cannot("mknn", why, f"a smaller --mknn-k (below {n})")
+        else:
+            metrics.append("mknn")
     probes: list[str] = []
     if "probe" in wanted:
         candidates = ([LANGUAGE_COLUMN] if len(languages) >= 2 else []) + (
@@ -299,11 +353,17 @@ def _params(
         "name": _name(acts),
         "layers": list(layers),
         "pooling": config.pooling,
+        **({"bootstrap": config.bootstrap, "seed": config.seed} if config.bootstrap else {}),
     }
+    against = {"against": other.key, "name_b": _name(other)} if other is not None else {}
     if metric == "retrieval":
         return common | {"center": config.center, "align": plan.align}
-    if metric == "cka":
-        return common | ({"against": other.key, "name_b": _name(other)} if other is not None else {})
+    if metric == "retrieval_margin":
+        return common | {"center": config.center, "align": plan.align, "k": config.margin_k}
+    if metric in ("cka", "cka_debiased"):
+        return common | against
+    if metric == "mknn":
+        return common | against | {"k": config.mknn_k}
     probes = {"probes": list(plan.probes), "folds": config.folds, "seed": config.seed, "memory": config.probe_memory}
     return common | probes
 
@@ -320,35 +380,111 @@ def _compute(
     layers: tuple[int, ...],
     tick: Callable[[int], None],
 ) -> Iterator[tuple[Any, ...]]:
+    """The metric's rows: COLUMNS' values, the interval NaN (empty in the CSV) without --bootstrap."""
     name = _name(acts)
     rows = [StoreRows(acts, layer, config.pooling) for layer in layers]
-    if metric == "retrieval":
+    theirs = tuple(other.layers) if other is not None else ()
+    their_rows = [StoreRows(other, v, config.pooling) for v in theirs]
+    if metric in ("retrieval", "retrieval_margin"):
         assert plan.alignment is not None
+        margin_k = config.margin_k if metric == "retrieval_margin" else None
+        resamples = list(_group_resamples(plan.alignment, config))
         for layer, vectors in zip(layers, rows, strict=True):
-            for (src, tgt), value in sorted(
-                retrieval_p1(vectors, plan.alignment, center=config.center, progress=tick).items()
-            ):
-                yield "retrieval_p1", name, "", layer, "", src, tgt, value
-    elif metric == "cka":
-        within = cka_matrix(rows, memory=config.cka_memory, progress=tick)
-        for i, j in np.ndindex(within.shape):
-            yield "cka", name, "", layers[i], layers[j], "", "", float(within[i, j])
-        if other is not None:
-            theirs = tuple(other.layers)
-            across = cka_matrix(
-                rows, [StoreRows(other, v, config.pooling) for v in theirs], memory=config.cka_memory, progress=tick
+            outcomes = retrieval_outcomes(
+                vectors, plan.alignment, center=config.center, margin_k=margin_k, progress=tick
             )
-            for i, j in np.ndindex(across.shape):
-                yield "cka", name, _name(other), layers[i], theirs[j], "", "", float(across[i, j])
+            for kind, label in (("cosine", "retrieval_p1"), ("margin", "retrieval_margin_p1")):
+                if kind in outcomes:
+                    for (src, tgt), value, low, high in _p1_rows(outcomes[kind], resamples):
+                        yield label, name, "", layer, "", src, tgt, value, low, high
+    elif metric in ("cka", "cka_debiased"):
+        debiased = metric == "cka_debiased"
+
+        def matrix(ys: list[StoreRows] | None, weights: np.ndarray | None) -> np.ndarray:
+            return cka_matrix(rows, ys, debiased=debiased, weights=weights, memory=config.cka_memory, progress=tick)
+
+        for ys, name_b, layers_b in ((None, "", layers), *(((their_rows, _name(other), theirs),) if theirs else ())):
+            cells = matrix(ys, None)
+            draws = np.stack([matrix(ys, w) for w in _resamples(acts.n_examples, config)] or [cells * np.nan])
+            for i, j in np.ndindex(cells.shape):
+                low, high = _interval(draws[:, i, j])
+                yield metric, name, name_b, layers[i], layers_b[j], "", "", float(cells[i, j]), low, high
+    elif metric == "mknn":
+        mine = [knn_indices(r, config.mknn_k, progress=tick) for r in rows]
+        pairs = [("", layers, mine)]
+        if theirs:
+            pairs.append((_name(other), theirs, [knn_indices(r, config.mknn_k, progress=tick) for r in their_rows]))
+        resamples = list(_resamples(acts.n_examples, config))
+        for name_b, layers_b, others in pairs:
+            for (i, a), (j, b) in itertools.product(enumerate(mine), enumerate(others)):
+                overlap = knn_overlap(a, b)
+                low, high = _interval(np.array([w @ overlap / w.sum() for w in resamples]))
+                yield "mknn", name, name_b, layers[i], layers_b[j], "", "", float(overlap.mean()), low, high
     else:
         table = acts.examples
+        resamples = list(_resamples(acts.n_examples, config))
         for column in plan.probes:
             labels = _codes(table[column])
             for layer, features in zip(layers, rows, strict=True):
                 result = probe_accuracy(
                     features, labels, folds=config.folds, seed=config.seed, memory=config.probe_memory, progress=tick
                 )
-                yield f"probe_{column}", name, "", layer, "", "", "", result.accuracy
+                low, high = _interval(np.array([result.accuracy_of(w) for w in resamples]))
+                yield f"probe_{column}", name, "", layer, "", "", "", result.accuracy, low, high
+
+
+def _undefined(rows: Any) -> list[str]:
+    """A note per CKA matrix with undefined cells (NaN, empty in the CSV and the plots), saying why."""
+    notes = []
+    for (metric, store_b), cells in rows[rows.value.isna()].groupby(["metric", "store_b"], sort=True):
+        if metric in ("cka", "cka_debiased"):
+            layers = sorted({int(v) for v in cells.layer} | ({int(v) for v in cells.layer_b} if not store_b else set()))
+            why = "its self-similarity HSIC is not positive: features constant over the examples" + (
+                ", or the unbiased estimate of a near-constant layer at or below 0" if metric == "cka_debiased" else ""
+            )
+            notes.append(
+                f"{metric}{f' against {store_b}' if store_b else ''}: {len(cells)} cell(s) undefined, "
+                f"involving layer(s) {layers}: {why}"
+            )
+    return notes
+
+
+# -- intervals ------------------------------------------------------------------------------
+
+
+def _resamples(n: int, config: MetricsConfig) -> Iterator[np.ndarray]:
+    """--bootstrap resamples of n examples, as multiplicities (n,): the same for every metric of a job."""
+    rng = np.random.default_rng(config.seed)
+    for _ in range(config.bootstrap):
+        yield np.bincount(rng.integers(0, n, n), minlength=n)
+
+
+def _group_resamples(alignment: Alignment, config: MetricsConfig) -> Iterator[np.ndarray]:
+    """--bootstrap resamples of aligned groups (translations stay together), as multiplicities per item."""
+    groups = int(alignment.group.max()) + 1
+    keyed = alignment.group >= 0
+    for counts in _resamples(groups, config):
+        weights = np.zeros(len(alignment.group), dtype=np.int64)  # items without a key are never queries
+        weights[keyed] = counts[alignment.group[keyed]]
+        yield weights
+
+
+def _p1_rows(outcomes: Outcomes, resamples: list[np.ndarray]) -> Iterator[tuple[tuple[str, str], float, Any, Any]]:
+    """(pair, P@1, low, high) per language pair, sorted; the interval NaN without resamples."""
+    draws = [outcomes.p1(w) for w in resamples]
+    for pair, value in sorted(outcomes.p1().items()):
+        values = np.array([d.get(pair, np.nan) for d in draws])  # a resample may draw no query of the pair
+        yield (pair, value, *_interval(values))
+
+
+def _interval(draws: np.ndarray) -> tuple[float, float]:
+    """The percentile interval of a statistic's bootstrap draws; NaN without resamples or finite draws."""
+    finite = draws[np.isfinite(draws)]
+    if not finite.size:
+        return np.nan, np.nan
+    tail = (1 - CONFIDENCE) / 2
+    low, high = np.quantile(finite, [tail, 1 - tail])
+    return float(low), float(high)
 
 
 def _codes(column: Any) -> np.ndarray:
@@ -377,6 +513,8 @@ def _chance_rows(plan: _Plan, table: Any, name: str) -> Any:
             "",
             "",
             float(table[column].astype(str).value_counts(normalize=True).max()),
+            np.nan,
+            np.nan,
         )
         for column in plan.probes
     ]

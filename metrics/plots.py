@@ -1,9 +1,10 @@
-"""PNG plots of a metrics table: retrieval P@1 by layer, CKA heatmaps, probe accuracy by layer.
+"""PNG plots of a metrics table: retrieval P@1 by layer, CKA and mutual-k-NN heatmaps, probe accuracy by layer.
 
 >>> from metrics.plots import plot_metrics
 >>> pngs = plot_metrics(table, Path("out/plots"))   # doctest: +SKIP
 
-The table is the tidy one the metrics jobs write, one value a row, columns `metrics.job.COLUMNS`.
+The table is the tidy one the metrics jobs write, one value a row, columns `metrics.job.COLUMNS`;
+where it has bootstrap intervals (`ci_low`, `ci_high`), line plots draw them as bands.
 matplotlib is imported on first plot and used without pyplot: each plot is its own `Figure`,
 so nothing process-wide (backend, rcParams, pyplot's figure list) changes.
 """
@@ -27,7 +28,12 @@ if TYPE_CHECKING:
 __all__ = ["caption_for", "plot_metrics"]
 
 RETRIEVAL = "retrieval_p1"
+RETRIEVAL_MARGIN = "retrieval_margin_p1"
 CKA = "cka"
+CKA_DEBIASED = "cka_debiased"
+MKNN = "mknn"
+HEATMAPS = {CKA: "linear CKA", CKA_DEBIASED: "debiased linear CKA", MKNN: "mutual k-NN"}  # row name -> what
+RETRIEVALS = {RETRIEVAL: "Retrieval P@1", RETRIEVAL_MARGIN: "Margin retrieval P@1"}
 PROBE_PREFIX = "probe_"
 CHANCE_SUFFIX = "_chance"
 
@@ -43,8 +49,9 @@ def plot_metrics(table: pd.DataFrame, out_dir: Path) -> list[Path]:
 
     Retrieval P@1 by layer, a CKA heatmap per pair of stores, probe accuracy by layer, each per
     store; metrics the table lacks get no plot. File names are stable: `retrieval_p1_<store>.png`,
-    `retrieval_p1_by_target_<store>.png` (more than 12 language pairs), `cka_<store>.png`,
-    `cka_<store>_vs_<store_b>.png`, `probes_<store>.png`.
+    `retrieval_p1_by_target_<store>.png` (more than 12 language pairs), the same for
+    `retrieval_margin_p1`, `cka_<store>.png`, `cka_<store>_vs_<store_b>.png` (likewise
+    `cka_debiased_...`, `mknn_...`), `probes_<store>.png`.
     """
     tidy = _normalize(table)
     out_dir = Path(out_dir)
@@ -68,10 +75,18 @@ def caption_for(path: Path) -> str:
     return stem
 
 
-_CAPTIONS = (  # longest prefix first: "retrieval_p1_" is a prefix of the by-target name
-    (f"{RETRIEVAL}_by_target_", "Retrieval P@1 by layer, per target language (mean over sources)"),
-    (f"{RETRIEVAL}_", "Retrieval P@1 by layer"),
+_CAPTIONS = (  # longest prefix first: "retrieval_p1_" is a prefix of the by-target name, "cka_" of "cka_debiased_"
+    *(
+        caption
+        for metric, what in RETRIEVALS.items()
+        for caption in (
+            (f"{metric}_by_target_", f"{what} by layer, per target language (mean over sources)"),
+            (f"{metric}_", f"{what} by layer"),
+        )
+    ),
+    (f"{CKA_DEBIASED}_", "Debiased linear CKA, layer by layer"),
     (f"{CKA}_", "Linear CKA, layer by layer"),
+    (f"{MKNN}_", "Mutual k-nearest-neighbour alignment, layer by layer"),
     ("probes_", "Linear probe accuracy by layer"),
 )
 
@@ -86,7 +101,7 @@ def _normalize(table: pd.DataFrame) -> pd.DataFrame:
     tidy = table.loc[:, list(COLUMNS)].copy()
     for col in ("metric", "store", "store_b", "src_lang", "tgt_lang"):
         tidy[col] = tidy[col].fillna("").astype(str)
-    for col in ("layer", "layer_b", "value"):
+    for col in ("layer", "layer_b", "value", "ci_low", "ci_high"):
         tidy[col] = pd.to_numeric(tidy[col], errors="coerce")  # "" -> NaN
     return tidy
 
@@ -97,12 +112,14 @@ def _safe(name: str) -> str:
 
 def _figures(tidy: pd.DataFrame) -> Iterator[tuple[str, Figure]]:
     """(file stem, figure) for every plot, in a stable order; each figure is dropped after saving."""
-    retrieval = tidy[tidy.metric == RETRIEVAL]
-    for (store, store_b), rows in retrieval.groupby(["store", "store_b"], sort=True):
-        yield from _retrieval(rows, _pair_name(store, store_b))
-    cka = tidy[tidy.metric == CKA]
-    for (store, store_b), rows in cka.groupby(["store", "store_b"], sort=True):
-        yield _cka_stem(store, store_b), _cka(rows, store, store_b)
+    for metric in RETRIEVALS:
+        retrieval = tidy[tidy.metric == metric]
+        for (store, store_b), rows in retrieval.groupby(["store", "store_b"], sort=True):
+            yield from _retrieval(rows, _pair_name(store, store_b), metric)
+    for metric in HEATMAPS:
+        matrix = tidy[tidy.metric == metric]
+        for (store, store_b), rows in matrix.groupby(["store", "store_b"], sort=True):
+            yield _heatmap_stem(metric, store, store_b), _cka(rows, store, store_b, metric)
     probes = tidy[tidy.metric.str.startswith(PROBE_PREFIX)]
     for store, rows in probes.groupby("store", sort=True):
         if not rows.metric.str.endswith(CHANCE_SUFFIX).all():
@@ -113,42 +130,44 @@ def _pair_name(store: str, store_b: str) -> str:
     return f"{store}_vs_{store_b}" if store_b else store
 
 
-def _cka_stem(store: str, store_b: str) -> str:
-    return f"{CKA}_{_pair_name(store, store_b)}"
+def _heatmap_stem(metric: str, store: str, store_b: str) -> str:
+    return f"{metric}_{_pair_name(store, store_b)}"
 
 
 # --- retrieval -------------------------------------------------------------------------------
 
 
-def _retrieval(rows: pd.DataFrame, name: str) -> Iterator[tuple[str, Figure]]:
+def _retrieval(rows: pd.DataFrame, name: str, metric: str = RETRIEVAL) -> Iterator[tuple[str, Figure]]:
     by_pair = _pair_pivot(rows)
     layers = _ints(by_pair.index)
+    what = RETRIEVALS[metric]
     if by_pair.shape[1] <= MAX_PAIR_LINES:
-        fig, ax = _line_axes(f"Retrieval P@1 by layer: {name}", "P@1")
-        for (src, tgt), series in by_pair.items():
-            ax.plot(layers, series.to_numpy(), marker="o", markersize=3, label=f"{src} → {tgt}")
+        fig, ax = _line_axes(f"{what} by layer: {name}", "P@1")
+        for i, ((src, tgt), series) in enumerate(by_pair.items()):
+            ax.plot(layers, series.to_numpy(), marker="o", markersize=3, color=f"C{i % 10}", label=f"{src} → {tgt}")
+            _band(ax, rows[(rows.src_lang == src) & (rows.tgt_lang == tgt)], f"C{i % 10}")
         _finish_lines(ax, layers, legend_title="source → target")
-        yield f"{RETRIEVAL}_{name}", fig
+        yield f"{metric}_{name}", fig
         return
     # Too many pairs for a line each (15 languages make 210): a mean with its spread, and the
     # mean per target language, which is where cross-lingual retrieval differs most.
-    fig, ax = _line_axes(f"Retrieval P@1 by layer: {name} (mean of {by_pair.shape[1]} pairs)", "P@1")
+    fig, ax = _line_axes(f"{what} by layer: {name} (mean of {by_pair.shape[1]} pairs)", "P@1")
     ax.fill_between(layers, by_pair.min(axis=1), by_pair.max(axis=1), alpha=0.2, color="C0", label="min…max over pairs")
     ax.plot(layers, by_pair.mean(axis=1).to_numpy(), marker="o", markersize=3, color="C0", label="mean over pairs")
     _finish_lines(ax, layers)
-    yield f"{RETRIEVAL}_{name}", fig
+    yield f"{metric}_{name}", fig
     by_target = by_pair.T.groupby(level="tgt_lang").mean().T
-    fig, ax = _line_axes(f"Retrieval P@1 by layer and target language: {name}", "P@1 (mean over source languages)")
+    fig, ax = _line_axes(f"{what} by layer and target language: {name}", "P@1 (mean over source languages)")
     for i, (tgt, series) in enumerate(by_target.items()):
         ax.plot(layers, series.to_numpy(), label=str(tgt), **_style(i, by_target.shape[1]))
     _finish_lines(ax, layers, legend_title="target")
-    yield f"{RETRIEVAL}_by_target_{name}", fig
+    yield f"{metric}_by_target_{name}", fig
 
 
 # --- CKA -------------------------------------------------------------------------------------
 
 
-def _cka(rows: pd.DataFrame, store: str, store_b: str) -> Figure:
+def _cka(rows: pd.DataFrame, store: str, store_b: str, metric: str = CKA) -> Figure:
     from matplotlib.figure import Figure
 
     matrix = _cka_pivot(rows, within=not store_b)
@@ -164,12 +183,13 @@ def _cka(rows: pd.DataFrame, store: str, store_b: str) -> Figure:
     # The colour bar in an inset beside the axes, so it is exactly as tall as the matrix, whatever its shape.
     bar = ax.inset_axes((1.03, 0.0, 0.22 / (cols_n * cell), 1.0))
     colorbar = fig.colorbar(image, cax=bar)
-    colorbar.set_label("linear CKA")
+    colorbar.set_label(HEATMAPS[metric])
     _layer_ticks(ax.set_yticks, ax.set_yticklabels, _ints(matrix.index))
     _layer_ticks(ax.set_xticks, ax.set_xticklabels, _ints(matrix.columns))
     ax.set_ylabel(f"layer of {store}")
     ax.set_xlabel(f"layer of {store_b or store}")
-    ax.set_title(f"Linear CKA: {store} vs {store_b}" if store_b else f"Linear CKA between layers: {store}")
+    what = HEATMAPS[metric][0].upper() + HEATMAPS[metric][1:]
+    ax.set_title(f"{what}: {store} vs {store_b}" if store_b else f"{what} between layers: {store}")
     if rows_n * cols_n <= ANNOTATE_MAX_CELLS:
         size = 8 if cell >= 0.55 else 7 if cell >= 0.4 else 6
         for i in range(rows_n):
@@ -219,6 +239,7 @@ def _probes(rows: pd.DataFrame, store: str) -> Figure:
         what = str(metric).removeprefix(PROBE_PREFIX)
         color = f"C{i % 10}"
         ax.plot(layers, series.to_numpy(), marker="o", markersize=3, color=color, label=what)
+        _band(ax, probes[probes.metric == metric], color)
         level = chance.loc[chance.metric == f"{metric}{CHANCE_SUFFIX}", "value"].dropna()
         if len(level):
             ax.axhline(float(level.mean()), linestyle="--", linewidth=1, color=color, label=f"{what} chance")
@@ -227,6 +248,13 @@ def _probes(rows: pd.DataFrame, store: str) -> Figure:
 
 
 # --- shared ----------------------------------------------------------------------------------
+
+
+def _band(ax: Axes, rows: pd.DataFrame, color: str) -> None:
+    """The rows' bootstrap interval by layer as a shaded band, where they have one."""
+    rows = rows.dropna(subset=["ci_low", "ci_high"]).sort_values("layer")
+    if len(rows):
+        ax.fill_between(_ints(rows.layer), rows.ci_low.to_numpy(), rows.ci_high.to_numpy(), color=color, alpha=0.18)
 
 
 def _line_axes(title: str, ylabel: str) -> tuple[Figure, Axes]:

@@ -25,12 +25,26 @@ SGD_EPOCHS = 5
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """Mean accuracy over the folds, each fold's, the majority class's share (chance), and how it was fitted."""
+    """Mean accuracy over the folds, each fold's, the majority class's share (chance), and how it was fitted.
+
+    `fold` and `correct` are each row's test fold and whether the probe trained without it
+    predicted it right: what `accuracy_of` resamples for a bootstrap interval.
+    """
 
     accuracy: float
     folds: tuple[float, ...]
     chance: float
     method: str  # "lbfgs" (in memory) or "sgd" (row blocks)
+    fold: np.ndarray  # (n,) each row's test fold
+    correct: np.ndarray  # (n,) bool: predicted right by the probe of the folds it was not trained on
+
+    def accuracy_of(self, weights: np.ndarray) -> float:
+        """The mean fold accuracy with row i counted `weights[i]` times (a bootstrap resample's multiplicities)."""
+        k = len(self.folds)
+        right = np.bincount(self.fold, weights=weights * self.correct, minlength=k)
+        total = np.bincount(self.fold, weights=weights, minlength=k)
+        shown = total > 0  # a resample may leave a fold without rows: it has no accuracy to average
+        return float(np.mean(right[shown] / total[shown]))
 
 
 def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -73,10 +87,15 @@ def probe_accuracy(
         x = read(features, 0, n, np.float32)
         if progress is not None:
             progress(n)
-        scores = [_fit_in_memory(x, labels, ids, k, seed) for k in range(folds)]
-        return ProbeResult(float(np.mean(scores)), tuple(scores), chance, "lbfgs")
-    scores = _fit_streamed(features, labels, ids, folds, classes, seed, block_rows, progress)
-    return ProbeResult(float(np.mean(scores)), tuple(scores), chance, "sgd")
+        correct = np.zeros(n, dtype=bool)
+        for k in range(folds):
+            _fit_in_memory(x, labels, ids, k, seed, correct)
+        method = "lbfgs"
+    else:
+        correct = _fit_streamed(features, labels, ids, folds, classes, seed, block_rows, progress)
+        method = "sgd"
+    scores = np.bincount(ids, weights=correct, minlength=folds) / np.bincount(ids, minlength=folds)
+    return ProbeResult(float(np.mean(scores)), tuple(float(v) for v in scores), chance, method, ids, correct)
 
 
 def in_memory_probe(seed: int) -> Any:
@@ -95,10 +114,11 @@ def streamed_probe(seed: int) -> Any:
     return SGDClassifier(loss="log_loss", alpha=1e-4, random_state=seed)
 
 
-def _fit_in_memory(x: np.ndarray, labels: np.ndarray, ids: np.ndarray, k: int, seed: int) -> float:
+def _fit_in_memory(x: np.ndarray, labels: np.ndarray, ids: np.ndarray, k: int, seed: int, correct: np.ndarray) -> None:
+    """Fit fold `k`'s probe and mark which of its test rows it predicts right in `correct`."""
     train, test = ids != k, ids == k
     model = in_memory_probe(seed).fit(x[train], labels[train])
-    return float(model.score(x[test], labels[test]))
+    correct[test] = model.predict(x[test]) == labels[test]
 
 
 def _fit_streamed(
@@ -110,7 +130,8 @@ def _fit_streamed(
     seed: int,
     block_rows: int,
     progress: Callable[[int], None] | None,
-) -> list[float]:
+) -> np.ndarray:
+    """Each row's out-of-fold correctness, from one SGD probe per fold learning over row blocks."""
     from sklearn.preprocessing import StandardScaler
 
     n = len(labels)
@@ -134,14 +155,14 @@ def _fit_streamed(
                     model.partial_fit(scalers[k].transform(x[train]), labels[start:stop][train], classes=classes)
             if progress is not None:
                 progress(stop - start)
-    right = np.zeros(folds)
+    correct = np.zeros(n, dtype=bool)
     for start, stop in spans:
         x = read(features, start, stop, np.float32)
         for k, model in enumerate(models):
             test = ids[start:stop] == k
             if test.any():
-                right[k] += (model.predict(scalers[k].transform(x[test])) == labels[start:stop][test]).sum()
+                predicted = model.predict(scalers[k].transform(x[test]))
+                correct[start:stop][test] = predicted == labels[start:stop][test]
         if progress is not None:
             progress(stop - start)
-    sizes = np.bincount(ids, minlength=folds)
-    return [float(r / s) for r, s in zip(right, sizes, strict=True)]
+    return correct

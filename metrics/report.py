@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 from cache.files import atomic_write_bytes
 from metrics.plots import (
     CHANCE_SUFFIX,
-    CKA,
+    HEATMAPS,
     MAX_PAIR_LINES,
     PROBE_PREFIX,
-    RETRIEVAL,
+    RETRIEVALS,
     _cka_pivot,
     _normalize,
     _pair_pivot,
@@ -89,33 +89,36 @@ def _figure(png: Path) -> str:
 
 
 def _sections(tidy: pd.DataFrame) -> Iterator[str]:
-    retrieval = tidy[tidy.metric == RETRIEVAL]
-    for (store, store_b), rows in retrieval.groupby(["store", "store_b"], sort=True):
-        yield from _retrieval(rows, f"{store} vs {store_b}" if store_b else store)
-    cka = tidy[tidy.metric == CKA]
-    for (store, store_b), rows in cka.groupby(["store", "store_b"], sort=True):
-        name = f"{store} vs {store_b}" if store_b else store
-        yield f"<h3>Linear CKA: {_e(name)}</h3>"
-        yield _table(
-            _cka_pivot(rows, within=not store_b),
-            corner=f"layer of {store} \\ layer of {store_b or store}",
-            shade=True,
-        )
+    for metric, what in RETRIEVALS.items():
+        retrieval = tidy[tidy.metric == metric]
+        for (store, store_b), rows in retrieval.groupby(["store", "store_b"], sort=True):
+            yield from _retrieval(rows, f"{store} vs {store_b}" if store_b else store, what)
+    for metric, what in HEATMAPS.items():
+        matrix = tidy[tidy.metric == metric]
+        for (store, store_b), rows in matrix.groupby(["store", "store_b"], sort=True):
+            name = f"{store} vs {store_b}" if store_b else store
+            yield f"<h3>{_e(what[0].upper() + what[1:])}: {_e(name)}</h3>"
+            yield _table(
+                _cka_pivot(rows, within=not store_b),
+                corner=f"layer of {store} \\ layer of {store_b or store}",
+                shade=True,
+            )
     probes = tidy[tidy.metric.str.startswith(PROBE_PREFIX)]
     for store, rows in probes.groupby("store", sort=True):
         yield from _probes(rows, store)
-    known = (tidy.metric == RETRIEVAL) | (tidy.metric == CKA) | tidy.metric.str.startswith(PROBE_PREFIX)
+    yield from _intervals(tidy)
+    known = tidy.metric.isin([*RETRIEVALS, *HEATMAPS]) | tidy.metric.str.startswith(PROBE_PREFIX)
     for metric, rows in tidy[~known].groupby("metric", sort=True):
         # A metric this report has no layout for still shows, as its mean per store and layer.
         yield f"<h3>{_e(metric)}: mean by store and layer</h3>"
         yield _table(rows.pivot_table(index="store", columns="layer", values="value", aggfunc="mean"), corner="store")
 
 
-def _retrieval(rows: pd.DataFrame, name: str) -> Iterator[str]:
+def _retrieval(rows: pd.DataFrame, name: str, what: str) -> Iterator[str]:
     by_pair = _pair_pivot(rows)
     if by_pair.shape[1] <= MAX_PAIR_LINES:
         by_pair.columns = [f"{src} → {tgt}" for src, tgt in by_pair.columns]
-        yield f"<h3>Retrieval P@1: {_e(name)}</h3>"
+        yield f"<h3>{_e(what)}: {_e(name)}</h3>"
         yield _table(by_pair, corner="layer", shade=True)
         return
     # A layer x pair pivot is 210 columns wide for 15 languages: summaries instead.
@@ -129,10 +132,10 @@ def _retrieval(rows: pd.DataFrame, name: str) -> Iterator[str]:
             "pairs": by_pair.count(axis=1),
         }
     )
-    yield f"<h3>Retrieval P@1: {_e(name)}, over {by_pair.shape[1]} language pairs</h3>"
+    yield f"<h3>{_e(what)}: {_e(name)}, over {by_pair.shape[1]} language pairs</h3>"
     yield _table(summary, corner="layer", shade=True)
     by_source = by_pair.T.groupby(level="src_lang").mean()
-    yield f"<h3>Retrieval P@1: {_e(name)}, mean over target languages, by source language and layer</h3>"
+    yield f"<h3>{_e(what)}: {_e(name)}, mean over target languages, by source language and layer</h3>"
     yield _table(by_source, corner="source \\ layer", shade=True)
 
 
@@ -150,6 +153,29 @@ def _probes(rows: pd.DataFrame, store: str) -> Iterator[str]:
             f"{m.removeprefix(PROBE_PREFIX).removesuffix(CHANCE_SUFFIX)} {v:.3f}" for m, v in chance.items()
         )
         yield f'<p class="note">Chance level: {_e(levels)}.</p>'
+
+
+def _intervals(tidy: pd.DataFrame) -> Iterator[str]:
+    """Every row that has a bootstrap interval, as value [low, high], a table per metric."""
+    bounded = tidy.dropna(subset=["ci_low", "ci_high"])
+    for metric, rows in bounded.groupby("metric", sort=True):
+        yield f"<h3>{_e(metric)}: 95% bootstrap intervals</h3>"
+        keys = [c for c in ("store", "store_b", "layer", "layer_b", "src_lang", "tgt_lang") if rows[c].notna().any()]
+        keys = [c for c in keys if rows[c].astype(str).ne("").any()]
+        yield _plain_table(
+            [*keys, "value", "95% interval"],
+            [
+                [_label(getattr(row, c)) for c in keys] + [f"{row.value:.3f}", f"[{row.ci_low:.3f}, {row.ci_high:.3f}]"]
+                for row in rows.sort_values(keys).itertuples()
+            ],
+        )
+
+
+def _plain_table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """Rows of text under a header, escaped."""
+    header = "".join(f"<th>{_e(h)}</th>" for h in head)
+    rows = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in row) + "</tr>" for row in body)
+    return f'<div class="scroll"><table><tr>{header}</tr>{rows}</table></div>'
 
 
 def _table(frame: pd.DataFrame, *, corner: str, shade: bool = False) -> str:

@@ -238,19 +238,39 @@ def _add_extract(commands: Any) -> None:
 
 
 METRICS_HELP = """\
-Layer-wise analyses of cached activations, read out of core: cross-lingual retrieval P@1
-for every ordered language pair (translations share --align-column), exact linear CKA
-layer x layer (within STORE, and against --against STORE_B over the same examples), and
-linear probes (language, and the dataset's label) with stratified k-fold accuracy.
-Writes OUT/metrics.csv (metric, store, store_b, layer, layer_b, src_lang, tgt_lang, value),
-PNG plots and OUT/report.html. Results are cached by the stores' keys and the parameters:
-the same command again is instant. Runs without torch or transformers.
+Layer-wise analyses of cached activations, read out of core, per layer (and layer pair),
+within STORE and against --against STORE_B over the same examples. --metrics (comma-separated;
+default {defaults}, as far as the stores' metadata allows):
+{metrics}
+Writes OUT/metrics.csv (metric, store, store_b, layer, layer_b, src_lang, tgt_lang, value,
+ci_low, ci_high: the --bootstrap interval, empty without it), PNG plots (intervals as bands)
+and OUT/report.html. Results are cached by the stores' keys and the parameters: the same
+command again is instant. Runs without torch or transformers.
 
 examples:
   actcache metrics minilm-l6__sample --out metrics-out          the store make extract makes
   actcache metrics --model mbert --data xnli --against xlmr__xnli --metrics cka --out cka
   actcache metrics labse__xnli --metrics retrieval --center --layers 0,6,12 --out retrieval
+  actcache metrics labse__xnli --metrics cka_debiased,mknn,retrieval_margin --bootstrap 1000 --out paper
 """
+
+
+class _MetricsHelp(argparse.RawDescriptionHelpFormatter):
+    """Lists the metrics `metrics.job` defines, with what each measures, when help is printed (not on
+    every command: the metrics package is not imported otherwise)."""
+
+    def add_text(self, text: str | None) -> None:
+        if text and "{metrics}" in text:
+            import textwrap
+
+            from metrics.job import DEFAULT_METRICS, METRICS
+
+            lines = (
+                textwrap.fill(what, width=92, initial_indent=f"  {name:<17} ", subsequent_indent=" " * 20)
+                for name, what in METRICS.items()
+            )
+            text = text.replace("{metrics}", "\n".join(lines)).replace("{defaults}", ",".join(DEFAULT_METRICS))
+        super().add_text(text)
 
 
 def _add_metrics(commands: Any) -> None:
@@ -258,7 +278,7 @@ def _add_metrics(commands: Any) -> None:
         "metrics",
         help="retrieval, CKA and probes per layer over cached stores, with plots and a report",
         description=METRICS_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_MetricsHelp,
     )
     p.add_argument("store", nargs="?", metavar="STORE", help="a key, alias (model__data), path or URL")
     p.add_argument("--model", help="with --data: the store `actcache extract --model M --data D` made")
@@ -267,7 +287,7 @@ def _add_metrics(commands: Any) -> None:
     p.add_argument(
         "--metrics",
         type=lambda text: tuple(m for m in text.split(",") if m),
-        help="comma-separated, of retrieval,cka,probe (default: every one the stores' metadata allows)",
+        help="comma-separated names of the metrics listed above (default: see above)",
     )
     p.add_argument("--layers", default="all", help="all (default), or a list like 0,6,-1 (0 = embeddings)")
     p.add_argument("--pooling", default="mean", help="the stored pooled vectors to use: mean (default), first, last")
@@ -278,7 +298,18 @@ def _add_metrics(commands: Any) -> None:
         "item's index within its language, as XNLI's rows align); items align within one field (premise, hypothesis)",
     )
     p.add_argument("--folds", type=int, default=5, help="probes: stratified folds (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="probes: the folds' shuffle seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="the probes' folds and the bootstrap's resamples (default 0)")
+    p.add_argument("--mknn-k", type=int, default=10, help="mknn: neighbours per example (default 10)")
+    p.add_argument("--margin-k", type=int, default=4, help="retrieval_margin: neighbours in the margin (default 4)")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="B",
+        help="95%% intervals from B resamples of the examples (aligned groups for retrieval; 0 = none, the "
+        "default; 1000 for a paper). Cost: CKA makes B more passes over the store, the others resample "
+        "per-example results",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="where metrics.csv, the PNGs and report.html go")
     p.add_argument("--cache-dir", help="cache root (default: $ACTCACHE_DIR, else ~/.cache/actcache)")
     p.add_argument("--no-cache", dest="use_cache", action="store_false", help="compute again, ignoring cached results")

@@ -35,7 +35,7 @@ from tests.metricsdata import EXAMPLE_CHUNK, Parallel, StoreSpec, layer_vectors,
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-COLUMNS = ["metric", "store", "store_b", "layer", "layer_b", "src_lang", "tgt_lang", "value"]
+COLUMNS = ["metric", "store", "store_b", "layer", "layer_b", "src_lang", "tgt_lang", "value", "ci_low", "ci_high"]
 SEED = 0
 FOLDS = 5
 STORED_LAYERS = (0, 1, 3)  # of 4 hidden states: layer 2 is not stored
