@@ -24,6 +24,7 @@ __all__ = ["ProcessTuning"]
 # The writer compresses and writes while the model computes; on few cores it would take turns
 # with the forward pass, so it runs niced and fills the gaps (it needs ~5% of a shard's time).
 _WRITER_NICENESS = 10
+_TRIM_SLACK = 256 << 20  # resident bytes a run may grow past its size after the last trim
 
 
 class ProcessTuning(RunHooks):
@@ -33,15 +34,20 @@ class ProcessTuning(RunHooks):
       make hundreds of thousands of long-lived objects that each full collection would walk
       again (~1 s here); at the run's start they are frozen (`gc.freeze`), then gc is back on,
       so the run's collections skip them (~4% of a MiniLM run's CPU time, by perf).
-    - the heap's free memory handed back to the OS after each shard (glibc `malloc_trim`):
-      batches of every length fragment it, and without this peak RSS creeps up with the
-      number of shards (+14% at 4x the data, measured) instead of staying flat.
+    - the heap's free memory handed back to the OS (glibc `malloc_trim`) after a shard that
+      left the process `_TRIM_SLACK` past its size after the last trim: batches of every
+      length fragment the heap, and without trimming peak RSS creeps up with the number of
+      shards (~20 MB a MiniLM shard, +14% at 4x the data, measured) instead of staying flat.
+      Not after every shard: each trim also hands back the 100-170 MB a shard allocates and
+      frees, which the next shard faults in again (1.5-2 s of a 17 s MiniLM run on a VM,
+      ~70k page faults, measured); with the slack a trim comes every ~5-8 shards.
     - the background writer thread niced (Linux niceness is per thread).
     """
 
     def __enter__(self) -> ProcessTuning:
         self._gc_was_enabled = gc.isenabled()
         self._frozen = False
+        self._trimmed_rss: int | None = None  # resident bytes just after the last trim
         gc.disable()
         return self
 
@@ -58,8 +64,12 @@ class ProcessTuning(RunHooks):
 
     def shard_done(self) -> None:
         libc = _libc()
-        if libc is not None and hasattr(libc, "malloc_trim"):
+        if libc is None or not hasattr(libc, "malloc_trim"):
+            return
+        rss = _resident()
+        if self._trimmed_rss is None or rss is None or rss > self._trimmed_rss + _TRIM_SLACK:
             libc.malloc_trim(0)
+            self._trimmed_rss = _resident()
 
     def writer_started(self) -> None:
         with contextlib.suppress(OSError):
@@ -69,6 +79,15 @@ class ProcessTuning(RunHooks):
         if self._frozen:  # only what this run froze: the CLI's process froze nothing before
             gc.unfreeze()
             self._frozen = False
+
+
+def _resident() -> int | None:
+    """The process's resident bytes (Linux), or None where /proc does not say."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @functools.cache
