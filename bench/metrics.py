@@ -61,6 +61,7 @@ LANGUAGE_SCALE = (0.16, 0.13, 0.10, 0.08, 0.07, 0.09, 0.12)
 NOISE_CARRY = 0.9
 LABEL_SCALE = (0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08)
 CHILDREN = ("open", "read", "cka", "probe", "probe-sgd", "retrieval")
+BEYOND = ("cka-debiased", "read-layer", "mknn", "retrieval-margin")  # bench.beyond's children (issue 21)
 CKA_PAIRS = ((0, 1), (0, 6), (3, 4))
 MAX_WAIT_S = 600.0  # at most this long in all waiting for other work on the machine to finish
 
@@ -294,7 +295,7 @@ def child(args: argparse.Namespace) -> int:
     import resource
 
     from cache import open_activations
-    from metrics import StoreRows, cka_matrix, probe_accuracy, retrieval_p1
+    from metrics import StoreRows, cka_matrix, mutual_knn, probe_accuracy, retrieval_outcomes, retrieval_p1
     from metrics.probes import DEFAULT_PROBE_MEMORY
 
     out: dict[str, Any] = {"metric": args.child}
@@ -308,9 +309,21 @@ def child(args: argparse.Namespace) -> int:
             if args.child == "read":
                 arrays = [acts.pooled(layer, lazy=False) for layer in acts.layers]
                 out["bytes"] = sum(a.nbytes for a in arrays)
-            elif args.child == "cka":
-                matrix = cka_matrix([StoreRows(acts, layer) for layer in acts.layers])
+            elif args.child in ("cka", "cka-debiased"):
+                debiased = args.child == "cka-debiased"
+                matrix = cka_matrix([StoreRows(acts, layer) for layer in acts.layers], debiased=debiased)
                 out["cka_0_6"] = float(matrix[0, -1])
+            elif args.child in ("read-layer", "mknn", "retrieval-margin"):
+                n = min(args.rows or acts.n_examples, acts.n_examples)
+                rows = Prefix(StoreRows(acts, args.layer), n)
+                out |= {"layer": args.layer, "rows": n}
+                if args.child == "read-layer":
+                    out["bytes"] = rows[0:n].nbytes
+                elif args.child == "mknn":
+                    out["mknn"] = mutual_knn(rows, Prefix(StoreRows(acts, args.layer - 1), n), k=10)
+                else:
+                    found = retrieval_outcomes(rows, alignment_of(table, n), margin_k=4)
+                    out |= {f"p1_{kind}": float(np.mean(list(o.p1().values()))) for kind, o in found.items()}
             elif args.child in ("probe", "probe-sgd"):
                 memory = 0 if args.child == "probe-sgd" else DEFAULT_PROBE_MEMORY  # 0: streamed SGD at any size
                 result = probe_accuracy(StoreRows(acts, args.layer), language_labels(table), memory=memory)
@@ -555,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-tokens", type=int, default=None, help="examples per shard (default: the pipeline's)")
     parser.add_argument("--work", type=Path, default=None, help="keep (and reuse) the stores here, not in a temp dir")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    parser.add_argument("--child", choices=(*CHILDREN, "write"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=(*CHILDREN, *BEYOND, "write"), help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     parser.add_argument("--layer", type=int, default=4, help=argparse.SUPPRESS)

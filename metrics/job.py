@@ -65,8 +65,9 @@ class MetricsConfig:
 
     `metrics` None: each of `DEFAULT_METRICS` the store's metadata allows (retrieval needs a
     `language` column and aligned items, probes a column to predict). `layers` None: all
-    stored. `bootstrap` B > 0: 95% percentile intervals from B resamples of the examples
-    (of aligned groups for retrieval), drawn from `seed`, in `ci_low` / `ci_high`.
+    stored. `bootstrap` B > 0: 95% intervals from B resamples of the examples (of aligned
+    groups for retrieval, random halves for CKA: `_half_samples`), drawn from `seed`, in
+    `ci_low` / `ci_high`.
     """
 
     store: str
@@ -165,11 +166,13 @@ def run_metrics(config: MetricsConfig, *, say: Callable[[str], None] | None = No
         "languages": ", ".join(plan.languages) or "-",
         "retrieval centring": "per-language mean subtracted" if config.center else "none",
         "probes": f"{config.folds}-fold stratified, seed {config.seed}",
-        "mknn": f"k = {config.mknn_k}",
-        "retrieval margin": f"k = {config.margin_k}",
+        **({"mknn": f"k = {config.mknn_k}"} if "mknn" in plan.metrics else {}),
+        **({"retrieval margin": f"k = {config.margin_k}"} if "retrieval_margin" in plan.metrics else {}),
         "intervals": (
-            f"{CONFIDENCE:.0%} percentile bootstrap, {config.bootstrap} resamples of the examples (of aligned "
-            f"groups for retrieval), seed {config.seed}"
+            f"{CONFIDENCE:.0%} percentile bootstrap, {config.bootstrap} resamples (seed {config.seed}): of the "
+            "examples' results for mknn (neighbour lists fixed) and probes (out-of-fold predictions fixed), of "
+            "aligned groups' queries for retrieval (candidates fixed); CKA recomputed on random halves of the "
+            "examples, their spread placed about the estimate"
             if config.bootstrap
             else "none (--bootstrap B)"
         ),
@@ -203,7 +206,9 @@ def _check(config: MetricsConfig) -> None:
     for flag, k in (("--mknn-k", config.mknn_k), ("--margin-k", config.margin_k)):
         if k < 1:
             raise ConfigError(f"{flag} must be at least 1, got {k}")
-    if config.bootstrap < 0 or 0 < config.bootstrap < MIN_BOOTSTRAP:
+    if config.bootstrap < 0:
+        raise ConfigError(f"--bootstrap counts resamples: got {config.bootstrap}. Fix: 0 (no intervals) or B >= 10")
+    if 0 < config.bootstrap < MIN_BOOTSTRAP:
         raise ConfigError(
             f"--bootstrap {config.bootstrap}: too few resamples for a {CONFIDENCE:.0%} interval. "
             f"Fix: 0 (no intervals) or at least {MIN_BOOTSTRAP}; 1000 for figures in a paper."
@@ -247,7 +252,11 @@ def _plan(config: MetricsConfig, table: Any) -> _Plan:
         metrics.append("cka")
     if "cka_debiased" in wanted:
         if n < 4:
-            cannot("cka_debiased", f"the unbiased estimator needs at least 4 examples; the store has {n}", "use cka")
+            cannot(
+                "cka_debiased",
+                f"the unbiased estimator needs at least 4 examples; the store has {n}",
+                "--metrics cka, or a store of at least 4 examples",
+            )
         else:
             metrics.append("cka_debiased")
     if "mknn" in wanted:
@@ -332,8 +341,9 @@ def _same_examples(acts: Any, other: Any) -> None:
     if mine.get("content_hash") != theirs.get("content_hash") or acts.n_examples != other.n_examples:
         raise ConfigError(
             f"stores {acts.key} and {other.key} hold different examples ({acts.n_examples} from "
-            f"{mine.get('name')!r}, {other.n_examples} from {theirs.get('name')!r}); CKA between them compares "
-            "example by example. Fix: extract both models over the same data (same --data, --split, --limit)."
+            f"{mine.get('name')!r}, {other.n_examples} from {theirs.get('name')!r}); CKA and mutual k-NN "
+            "between them compare example by example. Fix: extract both models over the same data "
+            "(same --data, --split, --limit)."
         )
 
 
@@ -405,9 +415,9 @@ def _compute(
 
         for ys, name_b, layers_b in ((None, "", layers), *(((their_rows, _name(other), theirs),) if theirs else ())):
             cells = matrix(ys, None)
-            draws = np.stack([matrix(ys, w) for w in _resamples(acts.n_examples, config)] or [cells * np.nan])
+            draws = np.stack([matrix(ys, w) for w in _half_samples(acts.n_examples, config)] or [cells * np.nan])
             for i, j in np.ndindex(cells.shape):
-                low, high = _interval(draws[:, i, j])
+                low, high = _interval(draws[:, i, j], around=float(cells[i, j]))
                 yield metric, name, name_b, layers[i], layers_b[j], "", "", float(cells[i, j]), low, high
     elif metric == "mknn":
         mine = [knn_indices(r, config.mknn_k, progress=tick) for r in rows]
@@ -434,18 +444,26 @@ def _compute(
 
 
 def _undefined(rows: Any) -> list[str]:
-    """A note per CKA matrix with undefined cells (NaN, empty in the CSV and the plots), saying why."""
+    """A note per CKA matrix with undefined cells (NaN: empty in the CSV, blank in the plots), naming the
+    layers that make them: within a store, those whose CKA with themselves is undefined; against another
+    store, the layers whose whole row (this store) or column (that one) is."""
     notes = []
-    for (metric, store_b), cells in rows[rows.value.isna()].groupby(["metric", "store_b"], sort=True):
-        if metric in ("cka", "cka_debiased"):
-            layers = sorted({int(v) for v in cells.layer} | ({int(v) for v in cells.layer_b} if not store_b else set()))
-            why = "its self-similarity HSIC is not positive: features constant over the examples" + (
-                ", or the unbiased estimate of a near-constant layer at or below 0" if metric == "cka_debiased" else ""
-            )
-            notes.append(
-                f"{metric}{f' against {store_b}' if store_b else ''}: {len(cells)} cell(s) undefined, "
-                f"involving layer(s) {layers}: {why}"
-            )
+    for (metric, store_b), cells in rows.groupby(["metric", "store_b"], sort=True):
+        if metric not in ("cka", "cka_debiased") or not cells.value.isna().any():
+            continue
+        undefined = cells.value.isna().groupby([cells.layer, cells.layer_b]).all().unstack()
+        if store_b:
+            layers = [f"{int(v)} of this store" for v in undefined.index[undefined.all(axis=1)]]
+            layers += [f"{int(v)} of {store_b}" for v in undefined.columns[undefined.all(axis=0)]]
+        else:
+            layers = [str(int(v)) for v in undefined.index if undefined.loc[v, v]]
+        why = "features constant over the examples (no variance, so CKA is 0/0)" + (
+            ", or an unbiased self-similarity at or below 0 (a near-constant layer)" if metric == "cka_debiased" else ""
+        )
+        notes.append(
+            f"{metric}{f' against {store_b}' if store_b else ''}: {int(cells.value.isna().sum())} cell(s) undefined "
+            f"(empty), from layer(s) {', '.join(layers) or 'none whole'}: {why}"
+        )
     return notes
 
 
@@ -457,6 +475,22 @@ def _resamples(n: int, config: MetricsConfig) -> Iterator[np.ndarray]:
     rng = np.random.default_rng(config.seed)
     for _ in range(config.bootstrap):
         yield np.bincount(rng.integers(0, n, n), minlength=n)
+
+
+def _half_samples(n: int, config: MetricsConfig) -> Iterator[np.ndarray]:
+    """CKA's resamples: --bootstrap random halves of the n examples (without replacement), as 0/1 weights.
+
+    Not draws with replacement: CKA is a ratio of pair statistics, and a draw's copies of one
+    example pair with each other, which brings back the self-terms the debiased estimator
+    removes (its resamples of two independent 64-feature layers at n = 64 centre on ~0.5, not
+    ~0). A half drawn without replacement has no copies, and its spread is the bootstrap's for
+    a mean (variance (1/m - 1/n) s^2 = s^2/n at m = n/2).
+    """
+    rng = np.random.default_rng(config.seed)
+    for _ in range(config.bootstrap):
+        weights = np.zeros(n, dtype=np.int64)
+        weights[rng.choice(n, n // 2, replace=False)] = 1
+        yield weights
 
 
 def _group_resamples(alignment: Alignment, config: MetricsConfig) -> Iterator[np.ndarray]:
@@ -477,13 +511,20 @@ def _p1_rows(outcomes: Outcomes, resamples: list[np.ndarray]) -> Iterator[tuple[
         yield (pair, value, *_interval(values))
 
 
-def _interval(draws: np.ndarray) -> tuple[float, float]:
-    """The percentile interval of a statistic's bootstrap draws; NaN without resamples or finite draws."""
+def _interval(draws: np.ndarray, around: float | None = None) -> tuple[float, float]:
+    """The percentile interval of a statistic's bootstrap draws; NaN without resamples or finite draws.
+
+    `around`: the draws' spread about their median, placed about this estimate instead. For CKA's
+    half-samples: plain CKA's bias grows as examples get fewer, so a half's CKA sits above the
+    whole's; only the spread carries over.
+    """
     finite = draws[np.isfinite(draws)]
     if not finite.size:
         return np.nan, np.nan
     tail = (1 - CONFIDENCE) / 2
-    low, high = np.quantile(finite, [tail, 1 - tail])
+    low, middle, high = np.quantile(finite, [tail, 0.5, 1 - tail])
+    if around is not None and np.isfinite(around):
+        low, high = around - (middle - low), around + (high - middle)
     return float(low), float(high)
 
 

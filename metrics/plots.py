@@ -203,7 +203,8 @@ def _cka(rows: pd.DataFrame, store: str, store_b: str, metric: str = CKA) -> Fig
 
 def _cka_pivot(rows: pd.DataFrame, *, within: bool) -> pd.DataFrame:
     """CKA rows of one (store, store_b) as a matrix: index `layer`, columns `layer_b`, both sorted."""
-    matrix = rows.pivot_table(index="layer", columns="layer_b", values="value", aggfunc="mean")
+    # dropna=False: a layer whose every cell is undefined keeps its (blank) row and column.
+    matrix = rows.pivot_table(index="layer", columns="layer_b", values="value", aggfunc="mean", dropna=False)
     if within:
         # Within one store CKA is symmetric; a job may have computed one triangle only.
         labels = matrix.index.union(matrix.columns)

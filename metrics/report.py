@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cache.files import atomic_write_bytes
+from metrics.job import CONFIDENCE
 from metrics.plots import (
     CHANCE_SUFFIX,
     HEATMAPS,
@@ -159,11 +160,11 @@ def _intervals(tidy: pd.DataFrame) -> Iterator[str]:
     """Every row that has a bootstrap interval, as value [low, high], a table per metric."""
     bounded = tidy.dropna(subset=["ci_low", "ci_high"])
     for metric, rows in bounded.groupby("metric", sort=True):
-        yield f"<h3>{_e(metric)}: 95% bootstrap intervals</h3>"
+        yield f"<h3>{_e(metric)}: {CONFIDENCE:.0%} bootstrap intervals</h3>"
         keys = [c for c in ("store", "store_b", "layer", "layer_b", "src_lang", "tgt_lang") if rows[c].notna().any()]
         keys = [c for c in keys if rows[c].astype(str).ne("").any()]
         yield _plain_table(
-            [*keys, "value", "95% interval"],
+            [*keys, "value", f"{CONFIDENCE:.0%} interval"],
             [
                 [_label(getattr(row, c)) for c in keys] + [f"{row.value:.3f}", f"[{row.ci_low:.3f}, {row.ci_high:.3f}]"]
                 for row in rows.sort_values(keys).itertuples()

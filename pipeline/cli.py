@@ -276,7 +276,7 @@ class _MetricsHelp(argparse.RawDescriptionHelpFormatter):
 def _add_metrics(commands: Any) -> None:
     p = commands.add_parser(
         "metrics",
-        help="retrieval, CKA and probes per layer over cached stores, with plots and a report",
+        help="retrieval, CKA, mutual k-NN and probes per layer over cached stores, with intervals, plots, a report",
         description=METRICS_HELP,
         formatter_class=_MetricsHelp,
     )
@@ -306,9 +306,9 @@ def _add_metrics(commands: Any) -> None:
         type=int,
         default=0,
         metavar="B",
-        help="95%% intervals from B resamples of the examples (aligned groups for retrieval; 0 = none, the "
-        "default; 1000 for a paper). Cost: CKA makes B more passes over the store, the others resample "
-        "per-example results",
+        help="95%% intervals from B resamples of the examples (aligned groups for retrieval, random halves for "
+        "CKA; 0 = none, the default; 1000 for a paper). Cost: CKA makes B more passes over the store, the others "
+        "resample per-example results",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="where metrics.csv, the PNGs and report.html go")
     p.add_argument("--cache-dir", help="cache root (default: $ACTCACHE_DIR, else ~/.cache/actcache)")

@@ -117,18 +117,20 @@ def test_new_metrics_in_the_table_equal_numpy_references(
 
 
 def resampled_cka(x: np.ndarray, y: np.ndarray, seed: int, draws: int) -> tuple[float, float]:
-    """The 95% percentile interval of plain CKA over `draws` resamples of the rows, each drawn as the job
-    documents (numpy's default_rng(seed), n row numbers with replacement), computed on the repeated rows."""
+    """CKA's interval as the job documents it, by hand: plain CKA of `draws` random halves of the rows
+    (numpy's default_rng(seed), n // 2 rows without replacement), their 2.5% .. 97.5% spread about their
+    median placed about the estimate on all rows."""
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(draws):
-        rows = rng.integers(0, len(x), len(x))
+        rows = rng.choice(len(x), len(x) // 2, replace=False)
         values.append(textbook_cka(x[rows], y[rows]))
-    low, high = np.quantile(values, [0.025, 0.975])
-    return float(low), float(high)
+    low, middle, high = np.quantile(values, [0.025, 0.5, 0.975])
+    estimate = textbook_cka(x, y)
+    return float(estimate - (middle - low)), float(estimate + (high - middle))
 
 
-def test_bootstrap_interval_of_cka_equals_resampling_the_rows_by_hand(
+def test_cka_interval_equals_half_samples_of_the_rows_by_hand(
     store: tuple[Path, Parallel, np.ndarray], tmp_path: Path
 ) -> None:
     path, _, pooled = store
@@ -176,7 +178,14 @@ def test_bootstrap_is_seeded(store: tuple[Path, Parallel, np.ndarray], tmp_path:
 
     def run(seed: int, out: str) -> pd.DataFrame:
         config = MetricsConfig(
-            store=str(path), out=tmp_path / out, metrics=("mknn",), mknn_k=5, bootstrap=30, seed=seed, quiet=True
+            store=str(path),
+            out=tmp_path / out,
+            metrics=("mknn",),
+            mknn_k=5,
+            bootstrap=30,
+            seed=seed,
+            quiet=True,
+            use_cache=False,  # computed each time: a cached reread would be equal whatever the seed did
         )
         return run_metrics(config).table
 
@@ -193,7 +202,7 @@ def test_bootstrap_is_seeded(store: tuple[Path, Parallel, np.ndarray], tmp_path:
     ("options", "message"),
     [
         ({"bootstrap": 5}, r"--bootstrap 5: too few resamples .* Fix: 0 \(no intervals\) or at least 10"),
-        ({"bootstrap": -1}, r"--bootstrap -1"),
+        ({"bootstrap": -1}, r"--bootstrap counts resamples: got -1. Fix: 0 \(no intervals\) or B >= 10"),
         ({"mknn_k": 0}, r"--mknn-k must be at least 1, got 0"),
         ({"margin_k": 0}, r"--margin-k must be at least 1, got 0"),
         ({"metrics": ("mknn",), "mknn_k": 76}, r"cannot run mknn: 76 neighbours need more than 76 examples; .* 76"),
@@ -217,11 +226,52 @@ def test_undefined_debiased_cka_is_an_empty_cell_with_a_note(tmp_path: Path) -> 
     values = result.table.set_index(["layer", "layer_b"]).value
     assert np.isnan(values[0, 0]) and np.isnan(values[0, 3]) and np.isnan(values[3, 0])
     assert values[1, 1] == pytest.approx(1.0)
-    assert any(n.startswith("cka_debiased: 5 cell(s) undefined, involving layer(s) [0") for n in result.notes)
+    assert any(n.startswith("cka_debiased: 5 cell(s) undefined (empty), from layer(s) 0: ") for n in result.notes)
     page = result.report.read_text(encoding="utf-8")
-    assert "cka_debiased: 5 cell(s) undefined" in page
+    assert "cka_debiased: 5 cell(s) undefined (empty), from layer(s) 0: " in page
+    from metrics.plots import _cka_pivot, _normalize
+
+    matrix = _cka_pivot(_normalize(result.table), within=True)
+    assert list(matrix.index) == list(matrix.columns) == list(STORED_LAYERS), "the constant layer keeps its blanks"
     rows = read_table(result.csv).set_index(["layer", "layer_b"])
     assert rows.value[0, 1] == "" and rows.ci_low[0, 1] == "", "undefined cells are empty in the CSV"
+
+
+def test_debiased_cka_half_samples_centre_on_the_estimate_where_draws_with_replacement_do_not() -> None:
+    """Independent layers, 64 features at n = 64: CKA's resamples (random halves) give debiased estimates
+    around the data's (~0); draws with replacement pair copies of an example and centre near 0.5."""
+    from metrics import linear_cka
+    from metrics.job import _half_samples
+
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((64, 64)), rng.standard_normal((64, 64))
+    config = MetricsConfig(store="-", out="-", bootstrap=60, seed=SEED)
+    estimate = linear_cka(x, y, debiased=True)
+    halves = [linear_cka(x, y, debiased=True, weights=w) for w in _half_samples(64, config)]
+    copies = [linear_cka(x, y, debiased=True, weights=np.bincount(rng.integers(0, 64, 64), minlength=64))
+              for _ in range(60)]  # fmt: skip
+    assert abs(np.median(halves) - estimate) < 0.05 < abs(np.median(copies) - estimate) - 0.2, (
+        estimate, np.median(halves), np.median(copies))  # fmt: skip
+
+
+def test_mknn_and_debiased_cka_against_another_store(store: tuple[Path, Parallel, np.ndarray], tmp_path: Path) -> None:
+    path, data, pooled = store
+    rng = np.random.default_rng(14)
+    theirs = (pooled[:2] @ rng.standard_normal((6, 5)) + rng.standard_normal((2, len(pooled[0]), 5))).astype(np.float32)
+    other = write_store(
+        tmp_path / "actcache",
+        StoreSpec(pooled={"mean": theirs}, examples=data.examples, layers=(1, 2), n_states=3, model="org/fake-b",
+                  alias="fake-b__data", dataset_hash="beyond-a"),
+    )  # fmt: skip
+    config = MetricsConfig(store=str(path), against=str(other), metrics=("cka_debiased", "mknn"), mknn_k=4,
+                           out=tmp_path / "o", quiet=True)  # fmt: skip
+    table = read_table(run_metrics(config).csv)
+    debiased, mknn = csv_values(table, "cka_debiased", "fake-b__data"), csv_values(table, "mknn", "fake-b__data")
+    assert set(debiased) == set(mknn) == {(str(a), str(b), "", "") for a in STORED_LAYERS for b in (1, 2)}
+    for (i, a), (j, b) in itertools.product(enumerate(STORED_LAYERS), enumerate((1, 2))):
+        key = (str(a), str(b), "", "")
+        assert debiased[key] == pytest.approx(gram_debiased_cka(pooled[i], theirs[j]), abs=1e-9)
+        assert mknn[key] == pytest.approx(brute_force_mknn(pooled[i], theirs[j], 4), abs=1e-12)
 
 
 # -- plots and help -----------------------------------------------------------------------------
