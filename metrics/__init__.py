@@ -13,7 +13,7 @@ Each metric also takes plain arrays (anything with `.shape` and row slices):
 
 from metrics.cka import cka_matrix, linear_cka
 from metrics.job import MetricsConfig, MetricsResult, run_metrics
-from metrics.neighbours import knn_indices, mutual_knn
+from metrics.neighbours import knn_indices, knn_overlap, mutual_knn
 from metrics.probes import ProbeResult, probe_accuracy
 from metrics.retrieval import Alignment, Outcomes, retrieval_margin_p1, retrieval_outcomes, retrieval_p1
 from metrics.rows import StoreRows
@@ -27,6 +27,7 @@ __all__ = [
     "StoreRows",
     "cka_matrix",
     "knn_indices",
+    "knn_overlap",
     "linear_cka",
     "mutual_knn",
     "probe_accuracy",

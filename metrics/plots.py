@@ -252,9 +252,9 @@ def _probes(rows: pd.DataFrame, store: str) -> Figure:
 
 
 def _band(ax: Axes, rows: pd.DataFrame, color: str) -> None:
-    """The rows' bootstrap interval by layer as a shaded band, where they have one."""
-    rows = rows.dropna(subset=["ci_low", "ci_high"]).sort_values("layer")
-    if len(rows):
+    """The rows' bootstrap interval by layer as a shaded band, where they have one (a gap at a layer without)."""
+    rows = rows.sort_values("layer")
+    if rows.ci_low.notna().any():
         ax.fill_between(_ints(rows.layer), rows.ci_low.to_numpy(), rows.ci_high.to_numpy(), color=color, alpha=0.18)
 
 

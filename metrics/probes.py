@@ -10,7 +10,7 @@ with `partial_fit`, every fold in lockstep, so each epoch is one read of the lay
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,8 +35,8 @@ class ProbeResult:
     folds: tuple[float, ...]
     chance: float
     method: str  # "lbfgs" (in memory) or "sgd" (row blocks)
-    fold: np.ndarray  # (n,) each row's test fold
-    correct: np.ndarray  # (n,) bool: predicted right by the probe of the folds it was not trained on
+    fold: np.ndarray = field(compare=False, repr=False)  # (n,) each row's test fold
+    correct: np.ndarray = field(compare=False, repr=False)  # (n,) bool: right, by the probe not trained on it
 
     def accuracy_of(self, weights: np.ndarray) -> float:
         """The mean fold accuracy with row i counted `weights[i]` times (a bootstrap resample's multiplicities)."""

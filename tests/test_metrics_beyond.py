@@ -295,3 +295,27 @@ def test_help_says_what_each_metric_measures_in_one_line() -> None:
     for name, what in METRICS.items():
         assert f"{name} {' '.join(what.split())}" in text, name
     assert "--bootstrap B" in done.stdout and "--mknn-k" in done.stdout and "--margin-k" in done.stdout
+
+
+def test_every_new_parameter_is_in_the_cache_key(store: tuple[Path, Parallel, np.ndarray], tmp_path: Path) -> None:
+    """A rerun with the same parameters reads the cache (intervals back as floats); a changed k, B or seed
+    computes again."""
+    path, _, _ = store
+    base = {"store": str(path), "metrics": ("mknn", "retrieval_margin"), "mknn_k": 5, "margin_k": 3, "quiet": True}
+
+    def run(out: str, **changes: object) -> tuple[list[str], pd.DataFrame]:
+        result = run_metrics(MetricsConfig(**(base | changes), out=tmp_path / out))  # type: ignore[arg-type]
+        return result.cached, result.table
+
+    first = run("a", bootstrap=10, seed=7)
+    again = run("b", bootstrap=10, seed=7)
+    assert first[0] == [] and again[0] == ["retrieval_margin", "mknn"]
+    pd.testing.assert_frame_equal(first[1], again[1])
+    assert again[1].ci_low.dtype == np.float64 and again[1].ci_low.notna().all()
+    assert run("c", bootstrap=10, seed=8)[0] == []
+    assert run("d", bootstrap=11, seed=7)[0] == []
+    assert run("e", bootstrap=10, seed=7, mknn_k=4)[0] == ["retrieval_margin"]
+    assert run("f", bootstrap=10, seed=7, margin_k=2)[0] == ["mknn"]
+    no_intervals = run("g")
+    assert no_intervals[0] == [] and no_intervals[1].ci_low.isna().all()
+    assert run("h")[0] == ["retrieval_margin", "mknn"]

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import metrics
 import pipeline.models
 import schemas
 from schemas import ARCHS, ConfigError, ModelSpec
@@ -54,7 +55,7 @@ def test_model_spec_is_frozen_and_validated() -> None:
         ModelSpec.from_dict(spec.to_dict() | {"colour": "red"})
 
 
-@pytest.mark.parametrize("module", [schemas, pipeline.models])
+@pytest.mark.parametrize("module", [schemas, pipeline.models, metrics])
 def test_all_lists_exactly_the_public_names(module: object) -> None:
     public = {
         name
