@@ -10,24 +10,12 @@ import pytest
 import torch
 
 from metrics.cka import cka_matrix, linear_cka
+from tests.test_metrics import textbook_cka
 
 pytestmark = pytest.mark.unit  # numpy arrays only: no model, no store
 
 
 # -- independent references ---------------------------------------------------------------
-
-
-def textbook_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Kornblith et al.: HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)), K = XX', L = YY', HSIC = tr(KHLH)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    n = len(x)
-    h = np.eye(n) - np.ones((n, n)) / n
-    gram_x, gram_y = x @ x.T, y @ y.T
-
-    def hsic(a: np.ndarray, b: np.ndarray) -> float:
-        return float(np.trace(a @ h @ b @ h))
-
-    return hsic(gram_x, gram_y) / np.sqrt(hsic(gram_x, gram_x) * hsic(gram_y, gram_y))
 
 
 def unbiased_hsic(x: np.ndarray, y: np.ndarray) -> float:

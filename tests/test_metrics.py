@@ -78,13 +78,14 @@ def language_pairs(
 
 
 def cosines(vectors: np.ndarray, *, center_by: Sequence[str] | None = None) -> np.ndarray:
-    """The full (n, n) cosine matrix in float64, after subtracting each language's mean if asked."""
+    """The full (n, n) cosine matrix in float64, after subtracting each language's mean if asked; a zero row: 0."""
     x = np.asarray(vectors, dtype=np.float64).copy()
     if center_by is not None:
         langs = np.asarray(center_by)
         for lang in set(center_by):
             x[langs == lang] -= x[langs == lang].mean(axis=0)
-    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
     return unit @ unit.T
 
 

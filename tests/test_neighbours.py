@@ -3,37 +3,24 @@ brute-force numpy references on full similarity matrices, and hand-made cases wi
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
 from metrics.neighbours import knn_indices, knn_overlap, mutual_knn
 from metrics.retrieval import Alignment, Outcomes, retrieval_margin_p1, retrieval_outcomes, retrieval_p1
+from tests.test_metrics import Key, brute_force_p1, cosines, language_pairs
 
 pytestmark = pytest.mark.unit
-
-Key = Hashable | None
 
 
 # -- independent references ---------------------------------------------------------------
 
 
-def full_cosines(x: np.ndarray, *, center_by: Sequence[str] | None = None) -> np.ndarray:
-    """The (n, n) cosine matrix in float64, after subtracting each language's mean if asked; a zero row: 0."""
-    x = np.asarray(x, dtype=np.float64).copy()
-    if center_by is not None:
-        langs = np.asarray(center_by)
-        for lang in set(center_by):
-            x[langs == lang] -= x[langs == lang].mean(axis=0)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-    return unit @ unit.T
-
-
 def brute_force_knn(x: np.ndarray, k: int) -> np.ndarray:
     """Sort each row of the cosine matrix, self left out, by decreasing similarity, stably (ties: lower index)."""
-    sims = full_cosines(x)
+    sims = cosines(x)
     np.fill_diagonal(sims, -np.inf)
     return np.argsort(-sims, axis=1, kind="stable")[:, :k]
 
@@ -43,47 +30,24 @@ def brute_force_mknn(x: np.ndarray, y: np.ndarray, k: int) -> float:
     return float(np.mean([len(set(a[i]) & set(b[i])) / k for i in range(len(x))]))
 
 
-def language_pairs(languages: Sequence[str], keys: Sequence[Key]) -> Iterator[tuple[str, str, list[int], list[int]]]:
-    """Each ordered pair (a, b) with its queries (rows of a whose key has a row in b) and candidates
-    (every row of b); pairs with no query are left out."""
-    for a in sorted(set(languages)):
-        for b in sorted(set(languages) - {a}):
-            candidates = [j for j, lang in enumerate(languages) if lang == b]
-            in_b = {keys[j] for j in candidates} - {None}
-            queries = [i for i, lang in enumerate(languages) if lang == a and keys[i] in in_b]
-            if queries:
-                yield a, b, queries, candidates
-
-
 def brute_force_margin_p1(
     vectors: np.ndarray, languages: Sequence[str], keys: Sequence[Key], k: int, *, center: bool = False
 ) -> dict[tuple[str, str], float]:
     """Artetxe and Schwenk's ratio margin from the full cosine matrix: each query of A takes the item j of B
     maximising cos(i, j) / (mean of i's k best cosines to B / 2 + mean of j's k best cosines to A / 2)."""
-    sims = full_cosines(vectors, center_by=languages if center else None)
+    sims = cosines(vectors, center_by=languages if center else None)
     langs = np.asarray(languages)
 
     def knn_mean(i: int, lang: str) -> float:
         return float(np.mean(np.sort(sims[i, langs == lang])[::-1][:k]))
 
     out = {}
-    for a, b, queries, candidates in language_pairs(languages, keys):
+    for (a, b), queries, candidates in language_pairs(languages, keys):
         hits = 0
         for i in queries:
             scores = [sims[i, j] / (knn_mean(i, b) / 2 + knn_mean(j, a) / 2) for j in candidates]
             hits += keys[candidates[int(np.argmax(scores))]] == keys[i]
         out[a, b] = hits / len(queries)
-    return out
-
-
-def brute_force_cosine_p1(
-    vectors: np.ndarray, languages: Sequence[str], keys: Sequence[Key], *, center: bool = False
-) -> dict[tuple[str, str], float]:
-    sims = full_cosines(vectors, center_by=languages if center else None)
-    out = {}
-    for a, b, queries, candidates in language_pairs(languages, keys):
-        found = [keys[candidates[int(np.argmax(sims[i, candidates]))]] == keys[i] for i in queries]
-        out[a, b] = sum(found) / len(queries)
     return out
 
 
@@ -226,7 +190,7 @@ def test_margin_p1_equals_brute_force(center: bool, k: int) -> None:
     assert got == expected
     assert sum(heard) == 2 * len(vectors), "two passes over the query blocks"
     assert sum(0 < v < 1 for v in expected.values()) >= 8, "most pairs find some translations, not all"
-    assert got != brute_force_cosine_p1(vectors, languages, keys, center=center), "the margin differs from cosine"
+    assert got != brute_force_p1(vectors, languages, keys, center=center), "the margin differs from cosine"
     assert got != brute_force_margin_p1(vectors, languages, keys, k, center=not center), "centring matters"
 
 
@@ -271,7 +235,7 @@ def test_retrieval_p1_is_the_cosine_outcomes_and_the_margin_pass_shares_them(out
     vectors, languages, keys = margin_data(25)
     alignment = Alignment.of(languages, keys)
     plain = retrieval_p1(vectors, alignment, block_rows=11)
-    assert plain == outcomes["cosine"].p1() == brute_force_cosine_p1(vectors, languages, keys)
+    assert plain == outcomes["cosine"].p1() == brute_force_p1(vectors, languages, keys)
     only_cosine = retrieval_outcomes(vectors, alignment, block_rows=11)
     assert list(only_cosine) == ["cosine"] and list(outcomes) == ["cosine", "margin"]
     np.testing.assert_array_equal(only_cosine["cosine"].hit, outcomes["cosine"].hit)
