@@ -74,6 +74,11 @@ class Reducer:
     target: str  # 'observed' (MLM, seq2seq) or 'next' (causal)
     token_level: bool = True
 
+    @property
+    def wants_logits(self) -> bool:
+        """Whether any logits are stored: without, the runner may skip the language-model head."""
+        return self.logits != "none"
+
     def __call__(
         self,
         out: ModelOutputs,
@@ -109,7 +114,7 @@ class Reducer:
             for how in self.poolings[stack]:
                 pooled = torch.stack([_pool(states[i], mask, lengths, how) for i in self.layers])
                 result.example_arrays[pooled_name(stack, how)] = storage_array(pooled, self.store_dtype)
-        if self.logits != "none" and out.logits is not None:
+        if self.wants_logits and out.logits is not None:
             result.token_arrays |= self._logits(out, mask)
         return result
 

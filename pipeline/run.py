@@ -170,7 +170,8 @@ def run_shard(
     for number, members in enumerate(groups, 1):
         at, sizes = starts[members], lengths[members]
         batch, special = _collate(columns, at, sizes, runner)
-        result: BatchResult = reducer(runner.forward(batch), special, into=buffers, starts=at)
+        out = runner.forward(batch, logits=reducer.wants_logits)
+        result: BatchResult = reducer(out, special, into=buffers, starts=at)
         _scatter(arrays, buffers, result, members, _runs(at, sizes))
         for stack, counts in result.nonfinite.items():
             total = nonfinite.setdefault(stack, [0] * len(counts))

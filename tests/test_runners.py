@@ -102,6 +102,27 @@ class RunnerConformance:
             if self.has_logits:
                 torch.testing.assert_close(got.logits[i, :n], alone.logits[0, :n], atol=BATCHED, rtol=BATCHED)
 
+    def test_without_logits_the_head_is_not_run_and_the_states_are_the_same(
+        self, runner: BaseModelRunner, direct: tuple[Any, Any]
+    ) -> None:
+        """`forward(batch, logits=False)` (what `extract --logits none` asks) skips the language-model
+        head where the model has a body apart from it; seq2seq models (whose decoder is the body) run whole."""
+        head = runner.model.get_output_embeddings()
+        calls: list[int] = []
+        hook = head.register_forward_hook(lambda *_: calls.append(1)) if head is not None else None
+        try:
+            got = runner.forward(runner.tokenize([SENTENCES[2]]), logits=False)
+        finally:
+            if hook is not None:
+                hook.remove()
+        separate_body = runner.model.base_model is not runner.model
+        assert (calls == []) if separate_body or head is None else (calls == [1])
+        assert got.logits is None or not separate_body
+        _, expected = self.direct_forward(direct, SENTENCES[2])
+        for name, states in self.direct_stacks(expected).items():
+            for layer, (a, b) in enumerate(zip(got.stacks()[name], states, strict=True)):
+                torch.testing.assert_close(a, b, atol=EXACT, rtol=0, msg=f"{name} layer {layer}")
+
     def test_hidden_states_start_with_the_embeddings(self, runner: BaseModelRunner) -> None:
         batch = runner.tokenize(SENTENCES[:3])
         got = runner.forward(batch)

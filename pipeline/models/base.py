@@ -281,13 +281,20 @@ class BaseModelRunner(ABC):
         encoded = self.tokenizer(items, padding=True, return_tensors="pt", **kwargs)
         return encoded.to(self.device)
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> ModelOutputs:
-        """Run the model on a `tokenize` batch with every hidden state returned."""
+    def forward(self, batch: Mapping[str, torch.Tensor], *, logits: bool = True) -> ModelOutputs:
+        """Run the model on a `tokenize` batch with every hidden state returned.
+
+        With `logits=False` the language-model head is skipped where the model has a separate
+        body (`base_model`): the hidden states are the same, and the head (a 250k-word
+        vocabulary for XLM-R, 128k for Llama 3) is most of the compute and memory traffic of
+        a forward pass that only stores hidden states.
+        """
         if "input_ids" not in batch:
             raise ConfigError("forward() needs a batch with 'input_ids'; build it with runner.tokenize(texts)")
         inputs = self._model_inputs(batch)
+        model = self.model if logits else self.model.base_model
         with torch.inference_mode(), self._forward_scope():
-            out = self.model(
+            out = model(
                 **inputs,
                 output_hidden_states=True,
                 output_attentions=self.output_attentions,
