@@ -100,13 +100,23 @@ def checkpoint(shape: str, directory: Path, tokenizer: Path | None = None) -> Pa
 class StandIn:
     """The runner interface the pipeline uses (`tokenizer`, `device`, `has_lm_head`, `forward`) at no compute cost.
 
+    `device` holds the bank: the batch's states are views of it there, as a model's outputs would be.
+
     With `record`, every call's inputs and placement are kept in `calls` (tests compare the
     store against them).
     """
 
     has_lm_head = False  # hidden states only: the store path of activations
 
-    def __init__(self, directory: Path, *, bank_tokens: int = 2048, seed: int = 0, record: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        bank_tokens: int = 2048,
+        seed: int = 0,
+        record: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> None:
         from pipeline.models import resolve_spec
         from pipeline.models.base import prepare
 
@@ -114,11 +124,11 @@ class StandIn:
         self.shape = SHAPES[config[MARKER]]
         self.spec = resolve_spec(Path(directory))
         self.tokenizer = prepare(self.spec).tokenizer  # as the pipeline loads it (pad token, padding side)
-        self.device = torch.device("cpu")
+        self.device = torch.device(device)  # on a GPU the pipeline reduces there, then copies to the host
         self.bank_tokens = max(bank_tokens, MAX_LENGTH)
         generator = torch.Generator().manual_seed(seed)
         bank = torch.randn((self.shape.n_states, self.bank_tokens, self.shape.hidden), generator=generator)
-        self.bank = bank.to(self.shape.dtype)
+        self.bank = bank.to(self.shape.dtype).to(self.device)
         self.n_calls = 0
         self.record = record
         self.calls: list[
@@ -135,7 +145,7 @@ class StandIn:
         offset = (self.n_calls * _STEP) % (self.bank_tokens - span + 1)
         return offset, stride
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> ModelOutputs:
+    def forward(self, batch: Mapping[str, torch.Tensor], *, logits: bool = True) -> ModelOutputs:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         rows, width = ids.shape
         offset, stride = self.placement(rows, width)
