@@ -159,7 +159,8 @@ def random_checkpoint(shape: str, directory: Path, tokenizer: Path, *, layers: i
 
 
 def texts_jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts)))
+    lines = (json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts))
+    path.write_text("".join(lines), encoding="utf-8")
     return path
 
 
