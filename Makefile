@@ -74,7 +74,7 @@ metrics: extract
 bench: install
 	$(OFFLINE) $(PY) bench/run.py $(ARGS)
 	$(OFFLINE) $(PY) -m bench.scale --budget-s 1800 $(if $(findstring --quick,$(ARGS)),--quick,)
-	$(OFFLINE) $(PY) -m bench.gpu
+	$(OFFLINE) $(PY) -m bench.gpu $(if $(findstring --quick,$(ARGS)),--quick,)
 
 chaos: install
 	$(OFFLINE) $(PY) -m tests.chaos $(ARGS)

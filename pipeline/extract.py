@@ -120,7 +120,8 @@ def extract(
     `client` (a `distributed.Client`), like `cfg.workers` or `cfg.scheduler`, runs the shards
     as tasks on a Dask cluster (`pipeline.distributed`); the client is the caller's, left open.
     `runner` is for benches and tests only: a loaded runner used instead of loading `cfg.model`
-    (`bench.standin`'s zero-cost stand-in). The key stays `cfg.model`'s, so the runner must compute
+    (`bench.standin`'s zero-cost stand-in); its `forward(batch, *, logits)` is called with
+    `logits=False` when no logits are stored. The key stays `cfg.model`'s, so the runner must compute
     what that checkpoint would: the stand-in's checkpoint directory is its own, with its own key.
     """
     out = out or sys.stdout

@@ -16,6 +16,7 @@ from pipeline.models import (
     Seq2SeqModelRunner,
     load_model,
 )
+from tests.factory import xlmr_tokenizer
 from tests.texts import SENTENCES
 
 pytestmark = pytest.mark.integration
@@ -32,6 +33,7 @@ class RunnerConformance:
     auto_class: ClassVar[str]
     stacks: ClassVar[tuple[str, ...]]
     has_logits: ClassVar[bool] = True
+    skips_head: ClassVar[bool] = True  # forward(logits=False) runs the body alone (`base_model`)
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -106,7 +108,8 @@ class RunnerConformance:
         self, runner: BaseModelRunner, direct: tuple[Any, Any]
     ) -> None:
         """`forward(batch, logits=False)` (what `extract --logits none` asks) skips the language-model
-        head where the model has a body apart from it; seq2seq models (whose decoder is the body) run whole."""
+        head where transformers gives the model a body apart from it; mT5 has none (its `base_model`
+        is the model itself), so it runs whole."""
         head = runner.model.get_output_embeddings()
         calls: list[int] = []
         hook = head.register_forward_hook(lambda *_: calls.append(1)) if head is not None else None
@@ -115,9 +118,8 @@ class RunnerConformance:
         finally:
             if hook is not None:
                 hook.remove()
-        separate_body = runner.model.base_model is not runner.model
-        assert (calls == []) if separate_body or head is None else (calls == [1])
-        assert got.logits is None or not separate_body
+        assert calls == ([] if self.skips_head or head is None else [1])
+        assert (got.logits is None) == (self.skips_head or not self.has_logits)
         _, expected = self.direct_forward(direct, SENTENCES[2])
         for name, states in self.direct_stacks(expected).items():
             for layer, (a, b) in enumerate(zip(got.stacks()[name], states, strict=True)):
@@ -156,6 +158,7 @@ class TestBertWithoutHeadRunner(TestBertRunner):
     family = "bert_plain"
     auto_class = "AutoModel"
     has_logits = False
+    skips_head = False  # no head to skip: the checkpoint is the body
 
     def test_masked_lm_head_is_loaded(self, runner: EncoderModelRunner) -> None:
         assert not runner.has_lm_head, "a head missing from the checkpoint must not be invented"
@@ -191,6 +194,7 @@ class TestMt5Runner(RunnerConformance):
     runner_class = Seq2SeqModelRunner
     auto_class = "AutoModelForSeq2SeqLM"
     stacks = ("encoder", "decoder")
+    skips_head = False  # transformers gives T5 no body apart from its head
 
     def direct_forward(self, direct: tuple[Any, Any], text: str) -> tuple[torch.Tensor, Any]:
         model, tokenizer = direct
@@ -221,3 +225,25 @@ class TestMt5Runner(RunnerConformance):
         assert target == source == out.input_ids.shape[1]
         # Each query's attention over real source tokens sums to one.
         torch.testing.assert_close(cross[0].sum(-1), torch.ones(batch, heads, target), atol=1e-5, rtol=0)
+
+
+def test_a_bart_without_logits_runs_its_body_alone(tmp_path: Path) -> None:
+    """Unlike mT5, BART-style seq2seq models have a body apart from the head (`BartModel`): with
+    `logits=False` it runs alone, with the same states of both stacks and no logits."""
+    tokenizer = xlmr_tokenizer()
+    config = transformers.BartConfig(
+        vocab_size=len(tokenizer), d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BartForConditionalGeneration(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    runner = load_model(tmp_path, device="cpu", dtype="fp32")
+    assert type(runner) is Seq2SeqModelRunner
+    batch = runner.tokenize(SENTENCES[:3])
+    full, body = runner.forward(batch), runner.forward(batch, logits=False)
+    assert full.logits is not None and body.logits is None
+    for name in ("encoder", "decoder"):
+        for layer, (a, b) in enumerate(zip(full.stacks()[name], body.stacks()[name], strict=True)):
+            torch.testing.assert_close(b, a, atol=EXACT, rtol=0, msg=f"{name} layer {layer}")

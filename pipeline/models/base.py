@@ -284,10 +284,11 @@ class BaseModelRunner(ABC):
     def forward(self, batch: Mapping[str, torch.Tensor], *, logits: bool = True) -> ModelOutputs:
         """Run the model on a `tokenize` batch with every hidden state returned.
 
-        With `logits=False` the language-model head is skipped where the model has a separate
-        body (`base_model`): the hidden states are the same, and the head (a 250k-word
-        vocabulary for XLM-R, 128k for Llama 3) is most of the compute and memory traffic of
-        a forward pass that only stores hidden states.
+        With `logits=False` the language-model head is skipped where transformers gives the
+        model a body apart from it (`base_model`: BERT, XLM-R, Llama, BART; T5 and mT5 have
+        none, so they run whole): the hidden states are the same, and the head is work thrown
+        away by a run that stores no logits (XLM-R base's 250k-word projection is more compute
+        than its encoder; Llama 3's writes a batch x tokens x 128k tensor).
         """
         if "input_ids" not in batch:
             raise ConfigError("forward() needs a batch with 'input_ids'; build it with runner.tokenize(texts)")

@@ -79,7 +79,7 @@ class Seq2SeqModelRunner(BaseModelRunner):
         return ModelOutputs(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
-            logits=out.logits,
+            logits=getattr(out, "logits", None),  # the body alone (BART's, forward(logits=False)) has none
             encoder_hidden_states=out.encoder_hidden_states,
             decoder_hidden_states=out.decoder_hidden_states,
             extra=extra,
