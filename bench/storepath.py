@@ -213,22 +213,28 @@ class _ThreadProfiles:
         return stats
 
 
-def profile(tmp: Path, out: Path, n_texts: int) -> Path:
-    """One XLM-R-shaped stand-in run under cProfile (all threads); top 25 by cumulative and by own time."""
+def profile(
+    tmp: Path, out: Path, n_texts: int, *, device: str = "cpu", tokenizer: Path | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """One XLM-R-shaped stand-in run under cProfile (all threads), its bank on `device`; top 25 by
+    cumulative and by own time written to `out`. Returns `out` and the run's figures."""
     data = texts_file(tmp / "texts-profile.jsonl", n_texts)
-    directory = standin.checkpoint("xlmr-base", tmp / "standin-profile")
-    runner = standin.StandIn(directory)
+    directory = standin.checkpoint("xlmr-base", tmp / "standin-profile", tokenizer=tokenizer)
+    runner = standin.StandIn(directory, device=device)
     with _ThreadProfiles() as profiles:
         figures = run_standin("xlmr-base", data, tmp, runner=runner)
     text = io.StringIO()
-    print(f"{n_texts} texts, {figures['tokens']} tokens, XLM-R-base stand-in; all threads merged\n", file=text)
+    print(
+        f"{n_texts} texts, {figures['tokens']} tokens, XLM-R-base stand-in on {device}; all threads merged\n",
+        file=text,
+    )
     stats = profiles.stats()
     stats.stream = text  # type: ignore[attr-defined]
     stats.sort_stats("cumulative").print_stats(25)
     stats.sort_stats("tottime").print_stats(25)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text.getvalue())
-    return out
+    return out, figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="actcache-storepath-") as name:
         # The profile first: zarr's event loop and thread pools start with the first store, and only
         # threads started under the profiler are seen.
-        found = profile(Path(name), args.out / f"{stem}-profile.txt", texts["xlmr-base"]) if args.profile else None
+        found = profile(Path(name), args.out / f"{stem}-profile.txt", texts["xlmr-base"])[0] if args.profile else None
         results = measure(Path(name), texts=texts)
         if found is not None:
             results["profile"] = str(found)
