@@ -668,6 +668,11 @@ def test_run_metrics_against_different_examples_names_both_stores(
         ({"align_column": "pair"}, r"no column 'pair' .* Fix: pass one of those to --align-column"),
         ({"metrics": ("retrieval",), "align_column": "row"}, r"cannot run retrieval: .*'row'.*Fix: name the"),
         ({"folds": 1}, r"--folds must be at least 2"),
+        ({"bootstrap": 5}, r"--bootstrap 5: too few resamples .* Fix: 0 \(no intervals\) or at least 10"),
+        ({"bootstrap": -1}, r"--bootstrap counts resamples: got -1. Fix: 0 \(no intervals\) or B >= 10"),
+        ({"mknn_k": 0}, r"--mknn-k must be at least 1, got 0"),
+        ({"margin_k": 0}, r"--margin-k must be at least 1, got 0"),
+        ({"metrics": ("mknn",), "mknn_k": 76}, r"cannot run mknn: 76 neighbours need more than 76 examples; .* 76"),
     ],
 )
 def test_run_metrics_config_errors_name_the_fix(

@@ -14,7 +14,6 @@ import pytest
 
 from metrics import MetricsConfig, run_metrics
 from metrics.job import METRICS
-from schemas import ConfigError
 from tests.metricsdata import Parallel, StoreSpec, layer_vectors, parallel, write_store
 from tests.test_cka_debiased import unbiased_cka
 from tests.test_metrics import (
@@ -196,25 +195,6 @@ def test_bootstrap_is_seeded(store: tuple[Path, Parallel, np.ndarray], tmp_path:
 
 
 # -- errors and undefined values ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"bootstrap": 5}, r"--bootstrap 5: too few resamples .* Fix: 0 \(no intervals\) or at least 10"),
-        ({"bootstrap": -1}, r"--bootstrap counts resamples: got -1. Fix: 0 \(no intervals\) or B >= 10"),
-        ({"mknn_k": 0}, r"--mknn-k must be at least 1, got 0"),
-        ({"margin_k": 0}, r"--margin-k must be at least 1, got 0"),
-        ({"metrics": ("mknn",), "mknn_k": 76}, r"cannot run mknn: 76 neighbours need more than 76 examples; .* 76"),
-    ],
-)
-def test_config_errors_name_the_fix(
-    store: tuple[Path, Parallel, np.ndarray], tmp_path: Path, options: dict[str, object], message: str
-) -> None:
-    path, _, _ = store
-    with pytest.raises(ConfigError, match=message):
-        run_metrics(MetricsConfig(store=str(path), out=tmp_path / "o", quiet=True, **options))  # type: ignore[arg-type]
-    assert not (tmp_path / "o").exists()
 
 
 def test_undefined_debiased_cka_is_an_empty_cell_with_a_note(tmp_path: Path) -> None:
