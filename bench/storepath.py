@@ -87,14 +87,26 @@ def fsync_tree(root: Path) -> float:
     return time.perf_counter() - started
 
 
-def run_standin(shape: str, data: Path, tmp: Path, *, runner: standin.StandIn | None = None) -> dict[str, Any]:
-    """One extraction of `data` with the `shape` stand-in into a fresh cache under `tmp`: its figures."""
+def run_standin(
+    shape: str,
+    data: Path,
+    tmp: Path,
+    *,
+    runner: standin.StandIn | None = None,
+    device: str = "cpu",
+    tokenizer: Path | None = None,
+) -> dict[str, Any]:
+    """One extraction of `data` with the `shape` stand-in into a fresh cache under `tmp`: its figures.
+
+    Without `runner`, the stand-in is made here: its bank on `device`, its tokenizer copied from
+    `tokenizer` (default MiniLM-L6's, `standin.checkpoint`).
+    """
     from pipeline.extract import ExtractConfig, extract
 
     directory = tmp / f"standin-{shape}"
     if not (directory / "config.json").is_file():
-        standin.checkpoint(shape, directory)
-    runner = runner or standin.StandIn(directory)
+        standin.checkpoint(shape, directory, tokenizer=tokenizer)
+    runner = runner or standin.StandIn(directory, device=device)
     cache = Path(tempfile.mkdtemp(prefix=f"cache-{shape}-", dir=tmp))
     cfg = ExtractConfig(model=str(directory), data=str(data), cache_dir=str(cache), logits="none", quiet=True)
     started = time.perf_counter()
@@ -107,6 +119,7 @@ def run_standin(shape: str, data: Path, tmp: Path, *, runner: standin.StandIn | 
     hidden_bytes = s["tokens"] * runner.shape.bytes_per_token
     return {
         "shape": shape,
+        "device": str(runner.device),
         "n_states": runner.shape.n_states,
         "hidden": runner.shape.hidden,
         "states_dtype": str(runner.shape.dtype).removeprefix("torch."),
@@ -127,8 +140,16 @@ def run_standin(shape: str, data: Path, tmp: Path, *, runner: standin.StandIn | 
     }
 
 
-def measure(tmp: Path, *, quick: bool = False, texts: dict[str, int] | None = None) -> dict[str, Any]:
-    """Every shape's store-path figures and disk limit, measured in `tmp` (the store's disk)."""
+def measure(
+    tmp: Path,
+    *,
+    quick: bool = False,
+    texts: dict[str, int] | None = None,
+    device: str = "cpu",
+    tokenizer: Path | None = None,
+) -> dict[str, Any]:
+    """Every shape's store-path figures and disk limit, measured in `tmp` (the store's disk); the
+    stand-ins' banks on `device` (on a GPU the reduction runs there, as a model's would)."""
     import shutil
 
     counts = texts or (QUICK_TEXTS if quick else TEXTS)
@@ -137,7 +158,7 @@ def measure(tmp: Path, *, quick: bool = False, texts: dict[str, int] | None = No
         data = texts_file(tmp / f"texts-{shape}.jsonl", n)
         nbytes_guess = n * 22 * standin.SHAPES[shape].bytes_per_token
         before = disk_seconds(tmp, nbytes_guess)  # warms the disk path too; rescaled below
-        figures = run_standin(shape, data, tmp)
+        figures = run_standin(shape, data, tmp, device=device, tokenizer=tokenizer)
         shutil.rmtree(Path(figures.pop("store")).parents[1])  # the cache: free the disk before the next write
         after = disk_seconds(tmp, figures["hidden_bytes"])
         disk_gb_s = max(nbytes_guess / before, figures["hidden_bytes"] / after) / 1e9
