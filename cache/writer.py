@@ -28,7 +28,7 @@ import numpy as np
 
 from cache.bfloat16 import to_bits
 from cache.catalog import add_alias, read_manifest
-from cache.chunkio import ChunkFiles, ChunkPool
+from cache.chunkio import ChunkFiles, ChunkPool, WrittenFiles
 from cache.claims import claim_path, held, utcnow
 from cache.creation import create_store, created
 from cache.faults import crash_point
@@ -67,12 +67,14 @@ class StoreWriter:
         self._arrays: dict[str, Any] = {}
         self._files: dict[str, ChunkFiles | None] = {}
         self._pool = ChunkPool()
+        self._written = WrittenFiles()  # chunk files to drop from the page cache once on the disk
         self._lease = contextlib.ExitStack()  # the writer lease, held until `close`
         self._partials: dict[Path, list[Path]] | None = None  # crash leftovers by the file they stood in for
 
     def close(self) -> None:
         """Release the writer lease: `actcache rm` and `extract --force` may remove the store again."""
         self._pool.close()
+        self._written.close()
         self._lease.close()
 
     def __enter__(self) -> StoreWriter:
@@ -326,6 +328,7 @@ class StoreWriter:
         }
         write_json(marker_path(self.path, shard.index), marker)
         crash_point("after-marker")
+        self._written.shard_done()
 
     def _fit(self, spec: ArraySpec, shard: ShardRange, data: np.ndarray, span: int) -> np.ndarray:
         """Check a shard's block against the layout and cast it to the stored dtype."""
@@ -375,7 +378,9 @@ class StoreWriter:
         """The hand-written chunk files of `spec` on a local disk; None where zarr writes (an object store)."""
         if spec.name not in self._files:
             self._files[spec.name] = (
-                ChunkFiles.of(self._zarr_group()[spec.name], self.path / spec.name, len(spec.leading), self._pool)
+                ChunkFiles.of(
+                    self._zarr_group()[spec.name], self.path / spec.name, len(spec.leading), self._pool, self._written
+                )
                 if is_local(self.path)
                 else None
             )

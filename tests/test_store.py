@@ -47,6 +47,7 @@ from schemas import (
     StoreCorruptError,
     StoreNotFoundError,
 )
+from schemas.geometry import ShardRange
 from schemas.store import MANIFEST_FILE, hidden_name, pooled_name
 from tests import storegen
 from tests.storegen import HIDDEN, N_STATES, complete_store, open_writer, shard_arrays, synthetic, write_shard
@@ -335,6 +336,65 @@ def test_finalize_with_one_marker_missing_leaves_the_store_incomplete(_cache_roo
     assert writer.finalize().complete and read_manifest(writer.path).complete
     assert json.loads((writer.path / "zarr.json").read_text())["attributes"]["actcache"]["complete"] is True
     np.testing.assert_array_equal(open_activations(writer.key).token_ids.compute(), data.token_ids)
+
+
+def _resident_pages(path: Path) -> int:
+    """How many of `path`'s pages are in the page cache (Linux `mincore` on a private mapping of it)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    vector = (ctypes.c_ubyte * pages)()
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        start = ctypes.c_char.from_buffer(mapped)
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(size), vector) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del start  # the mapping cannot close while a ctypes object points into it
+    return sum(v & 1 for v in vector)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-cache residency is read with Linux mincore")
+def test_a_shard_leaves_the_page_cache_once_the_next_one_is_written(_cache_root: Path) -> None:
+    """A store's chunk files are dropped from the page cache a shard after they are written (they are on
+    the disk by then: here `os.sync` makes sure), and the last shard's when the writer closes."""
+    probe = _cache_root.parent / "probe"
+    probe.write_bytes(b"x" * 65536)
+    os.sync()
+    with probe.open("rb") as fh:
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if _resident_pages(probe):
+        pytest.skip(f"{probe.parent}'s filesystem keeps file pages in memory whatever is advised (tmpfs)")
+    data = synthetic()
+    writer = open_writer(_cache_root, data)
+    first, second = writer.geometry.shards[:2]
+
+    def chunk_files(shard: ShardRange) -> list[Path]:
+        return [
+            writer.path / spec.name / key
+            for spec in writer.manifest.arrays
+            for key in spec.shard_chunks(shard, writer.geometry)
+        ]
+
+    write_shard(writer, data, first.index)
+    os.sync()
+    assert all(_resident_pages(path) for path in chunk_files(first)), "just written, the files are cached"
+    write_shard(writer, data, second.index)
+    assert [path for path in chunk_files(first) if _resident_pages(path)] == []
+    os.sync()
+    writer.close()
+    assert [path for path in chunk_files(second) if _resident_pages(path)] == []
+    writer = open_writer(_cache_root, data)  # the rest, then every value read back from the disk
+    for shard in writer.geometry.shards[2:]:
+        write_shard(writer, data, shard.index)
+    assert writer.finalize().complete
+    writer.close()
+    acts = open_activations(writer.key)
+    np.testing.assert_array_equal(acts.token_ids.compute(), data.token_ids)
+    np.testing.assert_array_equal(acts.hidden(N_STATES - 1).compute(), expected_storage(data.hidden[-1], "float16"))
 
 
 def test_requests_differing_only_in_revision_have_different_keys(_cache_root: Path) -> None:
