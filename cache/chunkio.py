@@ -167,7 +167,7 @@ class ChunkFiles:
                 fh.write(body)
                 fh.write(crc)
                 fh.flush()
-                _start_writeback(fh.fileno())
+                _dont_need(fh.fileno())
             if self.written is not None:
                 self.written.add(path)
             sums[chunk_key(coords)] = crc.hex()
@@ -222,15 +222,16 @@ def _check(frame: memoryview, path: Path) -> None:
 _local = threading.local()
 
 
-def _start_writeback(fd: int) -> None:
-    """Ask the kernel to start writing `fd`'s dirty pages to the disk now (a hint: never an error).
+def _dont_need(fd: int) -> None:
+    """Tell the kernel `fd`'s pages are not needed (a hint: never an error): written now, dropped once clean.
 
     On Linux, POSIX_FADV_DONTNEED submits the file's dirty pages for writing (WB_SYNC_NONE:
     the call does not wait for them, though submitting can block on a full device queue) and
-    then drops from the page cache only pages already clean. A store then reaches the disk
-    while later shards compute, not all at once when the kernel's dirty-page limits or an
-    fsync force it, and its dirty pages do not pile up in memory. Other systems may treat the
-    advice differently or not have it.
+    then drops from the page cache only pages already clean. Called as a chunk file is written,
+    the store reaches the disk while later shards compute, not all at once when the kernel's
+    dirty-page limits or an fsync force it, and its dirty pages do not pile up in memory;
+    called again a shard later (`WrittenFiles`), the now clean pages leave the cache. Other
+    systems may treat the advice differently or not have it.
     """
     advise = getattr(os, "posix_fadvise", None)
     if advise is not None:
@@ -246,7 +247,7 @@ class WrittenFiles:
     and a run whose page cache grows by every byte it writes pays for each new page. On a VM
     that is most of the writing's cost: 3 GB written in 1 MB files took 27 s of kernel time
     growing the cache into memory the guest had not used, 0.7 s when each file was dropped
-    64 files later and its pages reused (measured here). `_start_writeback` already sent each
+    64 files later and its pages reused (measured here). `_dont_need` already sent each
     file to the disk as it was written, so a shard later its pages are clean and dropping
     them loses nothing; pages still being written stay (the advice skips them).
     """
@@ -274,17 +275,16 @@ class WrittenFiles:
 
 
 def _drop_pages(paths: Iterable[Path]) -> None:
-    """POSIX_FADV_DONTNEED on each file: clean pages leave the page cache (a hint: never an error)."""
-    advise = getattr(os, "posix_fadvise", None)
-    if advise is None:
-        return
+    """`_dont_need` on each file: its clean pages leave the page cache."""
     for path in paths:
-        with contextlib.suppress(OSError):  # removed meanwhile (`actcache rm`), or advice refused: nothing lost
+        try:
             fd = os.open(path, os.O_RDONLY)
-            try:
-                advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+        except OSError:  # removed meanwhile (`actcache rm`): nothing to drop
+            continue
+        try:
+            _dont_need(fd)
+        finally:
+            os.close(fd)
 
 
 def _crc32c(data: Any) -> int:
