@@ -43,7 +43,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from bench import standin  # noqa: E402
 from bench.run import write_texts  # noqa: E402
 
-TEXTS = {"xlmr-base": 3360, "llama3-8b": 840}  # ~75k / ~19k tokens: ~1.5 / ~5 GB of float16 hidden states, 4 / 2 shards
+TEXTS = {"xlmr-base": 3360, "llama3-8b": 840}  # ~75k / ~19k tokens: ~1.5 / ~5 GB of hidden states, 5 / 9 shards
 QUICK_TEXTS = {"xlmr-base": 160, "llama3-8b": 80}
 TARGET = 0.7
 _BLOCK = 64 << 20  # bytes per tofile call of the disk measurement

@@ -115,7 +115,7 @@ The last line printed is the store's path; read it with
 
 
 def _add_extract(commands: Any) -> None:
-    from pipeline.plan import DEFAULT_MAX_FULL_LOGITS_GB, DEFAULT_SHARD_TOKENS
+    from pipeline.plan import DEFAULT_MAX_FULL_LOGITS_GB, DEFAULT_SHARD_BYTES, DEFAULT_SHARD_TOKENS
 
     p = commands.add_parser(
         "extract",
@@ -185,8 +185,11 @@ def _add_extract(commands: Any) -> None:
     how.add_argument(
         "--shard-tokens",
         type=int,
-        default=DEFAULT_SHARD_TOKENS,
-        help=f"tokens per shard, the unit of commit and resume (default {DEFAULT_SHARD_TOKENS})",
+        help=(
+            "tokens per shard, the unit of commit and resume (default: as many as hold "
+            f"{DEFAULT_SHARD_BYTES >> 20} MB of per-token arrays, at most {DEFAULT_SHARD_TOKENS:,}; "
+            "a run holds two shards in memory)"
+        ),
     )
     how.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     how.add_argument("--dtype", help="model precision: fp32, bf16, fp16 (default: the model's preferred)")

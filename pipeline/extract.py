@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import platform
 import socket
@@ -26,7 +27,7 @@ from cache.paths import alias_name, ensure_writable, work_dir
 from pipeline.datasets import resolve_dataset
 from pipeline.models.helpers import coerce_device
 from pipeline.models.quantization import check_quantizable
-from pipeline.plan import DEFAULT_MAX_FULL_LOGITS_GB, DEFAULT_SHARD_TOKENS, check_full_logits, plan
+from pipeline.plan import DEFAULT_MAX_FULL_LOGITS_GB, check_full_logits, plan, shard_tokens_for
 from pipeline.reduce import Reducer
 from pipeline.resolve import Resolved, resolve
 from pipeline.run import RunHooks, run_shards
@@ -55,7 +56,7 @@ class ExtractConfig:
     store_dtype: str = "float16"
     pooling: tuple[str, ...] = POOLINGS
     batch_size: int = 32
-    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    shard_tokens: int | None = None  # None: pipeline.plan.shard_tokens_for the store's bytes per token
     device: str | None = None
     dtype: str | None = None
     revision: str | None = None
@@ -73,7 +74,7 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.shard_tokens < 1:
+        if self.shard_tokens is not None and self.shard_tokens < 1:
             raise ConfigError(f"--shard-tokens must be at least 1, got {self.shard_tokens}")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
@@ -193,9 +194,24 @@ def extract(
     crash_point("after-tokenize")
     if len(tokenized.lengths) == 0:
         raise ConfigError(f"dataset {dataset.name!r} gave no examples (split {dataset.split!r}); nothing to extract")
+    stacks = STACKS_BY_ARCH[resolved.spec.arch]
+    poolings = {stack: outputs.poolings(stack) for stack in stacks}
+    store_arrays = functools.partial(
+        build_arrays,
+        stacks={s: resolved.hidden_size for s in stacks},
+        n_layers=len(resolved.layers),
+        store_dtype=outputs.store_dtype,
+        poolings=poolings,
+        token_level=outputs.token_level,
+        vocab=resolved.vocab_size,
+    )
+    # Sized before the model is loaded, for the logits asked for (a model without a head stores none).
+    shard_tokens = (
+        cfg.shard_tokens if cfg.shard_tokens is not None else shard_tokens_for(store_arrays(logits=outputs.logits))
+    )
     geometry = plan(
         tokenized.lengths,
-        shard_tokens=cfg.shard_tokens,
+        shard_tokens=shard_tokens,
         hidden=resolved.hidden_size,
         store_dtype=outputs.store_dtype,
     )
@@ -246,18 +262,8 @@ def extract(
             has_logits, device = getattr(runner, "has_lm_head", True), str(runner.device)
             cluster_facts = {"workers": None, "scheduler": None}
         stages.lap("load model")
-        stacks = STACKS_BY_ARCH[resolved.spec.arch]
-        poolings = {stack: outputs.poolings(stack) for stack in stacks}
         logits_mode = outputs.logits if has_logits else "none"
-        arrays = build_arrays(
-            stacks={s: resolved.hidden_size for s in stacks},
-            n_layers=len(resolved.layers),
-            store_dtype=outputs.store_dtype,
-            poolings=poolings,
-            token_level=outputs.token_level,
-            logits=logits_mode,
-            vocab=resolved.vocab_size,
-        )
+        arrays = store_arrays(logits=logits_mode)
         writer = StoreWriter.open_or_create(
             root,
             resolved.request,
@@ -268,7 +274,7 @@ def extract(
             stacks=stacks,
             examples=resolved.examples.metadata,
             aliases=(alias,),
-            provenance=_provenance(cfg, device, resolved) | cluster_facts,
+            provenance=_provenance(cfg, device, resolved, shard_tokens) | cluster_facts,
         )
         scope.callback(writer.close)  # the writer lease, until the run is done: the store may be removed again
         pending = writer.pending_shards()
@@ -348,7 +354,7 @@ def _arrow_file(tokenized: Any) -> str:
     return str(files[0]["filename"])
 
 
-def _provenance(cfg: ExtractConfig, device: str, resolved: Resolved) -> dict[str, Any]:
+def _provenance(cfg: ExtractConfig, device: str, resolved: Resolved, shard_tokens: int) -> dict[str, Any]:
     import datasets
     import torch
     import transformers
@@ -356,7 +362,7 @@ def _provenance(cfg: ExtractConfig, device: str, resolved: Resolved) -> dict[str
 
     return {
         "batch_size": cfg.batch_size,
-        "shard_tokens": cfg.shard_tokens,
+        "shard_tokens": shard_tokens,
         "device": device,
         "model_source": resolved.prepared.checkpoint.source,
         "model_path": str(resolved.prepared.checkpoint.path),

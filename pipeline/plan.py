@@ -3,24 +3,39 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from schemas import ConfigError, OutputSpec
+from schemas.arrays import ArraySpec
 from schemas.geometry import Geometry, ShardRange
 
 __all__ = [
     "DEFAULT_MAX_FULL_LOGITS_GB",
+    "DEFAULT_SHARD_BYTES",
     "DEFAULT_SHARD_TOKENS",
     "check_full_logits",
     "default_token_chunk",
     "plan",
     "plan_geometry",
+    "shard_tokens_for",
 ]
 
 DEFAULT_SHARD_TOKENS = 16384  # a shard's buffers for 13 layers x 768 float16: ~330 MB
+# ...and fewer tokens where a token stores more: a run holds two shards' buffers (one filling, one
+# being written), so Llama 3 8B's 33 x 4096 bfloat16 states (270 KB a token) at 16,384 tokens would
+# take 8.8 GB of host memory, and fault it all in fresh before the first shard is on the disk.
+DEFAULT_SHARD_BYTES = 384 << 20
+MIN_SHARD_TOKENS = 256
 DEFAULT_MAX_FULL_LOGITS_GB = 20.0
+
+
+def shard_tokens_for(arrays: Iterable[ArraySpec]) -> int:
+    """The default tokens per shard of a store of `arrays`: as many as fill DEFAULT_SHARD_BYTES with
+    the token arrays, DEFAULT_SHARD_TOKENS at most, MIN_SHARD_TOKENS at least."""
+    token_bytes = sum(spec.row_bytes for spec in arrays if spec.axis == "token")
+    return int(max(MIN_SHARD_TOKENS, min(DEFAULT_SHARD_TOKENS, DEFAULT_SHARD_BYTES // max(1, token_bytes))))
 
 
 def plan(lengths: Sequence[int] | np.ndarray, *, shard_tokens: int, hidden: int, store_dtype: str) -> Geometry:

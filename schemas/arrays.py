@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
+
 from schemas.errors import ConfigError
 from schemas.geometry import Axis, Geometry, ShardRange
 from schemas.store import (
@@ -61,6 +63,11 @@ class ArraySpec:
     @property
     def physical_dtype(self) -> str:
         return PHYSICAL_DTYPES.get(self.dtype, self.dtype)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one step of the split axis holds (a token's, an example's), as stored."""
+        return math.prod(self.leading) * math.prod(self.trailing) * np.dtype(self.physical_dtype).itemsize
 
     @property
     def is_float(self) -> bool:

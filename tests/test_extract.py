@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from cache import open_activations, verify
-from pipeline import reduce
+from pipeline import plan, reduce
 from pipeline.extract import ExtractConfig, extract
 from schemas import ConfigError
 from tests.checks import assert_float16_of
@@ -190,6 +190,30 @@ def test_rerun_is_a_cache_hit_without_loading_the_model(
     changed = tiny_dir("bert")  # same model, other data: another key, so a real run
     with pytest.raises(AssertionError, match="must not load"):
         run(changed, texts_file, tmp_path / "c", limit=3)
+
+
+def test_default_shard_size_is_set_by_the_bytes_a_token_stores(
+    tiny_dir: Any, texts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --shard-tokens a shard holds about DEFAULT_SHARD_BYTES of token arrays (a wide model's
+    shards hold fewer tokens); the budget is shrunk here to 40 of a tiny Llama's tokens."""
+    path = tiny_dir("llama")
+    config = json.loads((path / "config.json").read_text())
+    # By hand: token id (int32), special mask (int8), every state in float32, top-4 values and ids, log-prob, entropy.
+    token_bytes = 4 + 1 + (config["num_hidden_layers"] + 1) * config["hidden_size"] * 4 + 4 * (4 + 4) + 4 + 4
+    monkeypatch.setattr(plan, "DEFAULT_SHARD_BYTES", 40 * token_bytes + token_bytes // 2)
+    monkeypatch.setattr(plan, "MIN_SHARD_TOKENS", 1)
+    result = run(path, texts_file, tmp_path / "c", store_dtype="float32", batch_size=5, logits="topk:4")
+    shards = result.manifest.geometry.shards
+    assert result.manifest.provenance["shard_tokens"] == 40
+    # ~500 tokens: one shard at the old fixed default, here shards closed at the first example block past 40
+    assert len(shards) > 5 and all(s.n_tokens >= 40 for s in shards[:-1]), [s.n_tokens for s in shards]
+    acts = open_activations(result.key, cache_dir=tmp_path / "c")
+    for i in (0, len(SENTENCES) + 5, 2 * len(SENTENCES) - 1):
+        ids, stacks, _ = direct_forward(path, "llama", (SENTENCES * 2)[i])
+        np.testing.assert_array_equal(acts.example(i).token_ids, ids.numpy())
+        expected = torch.stack(stacks["decoder"])[:, 0].numpy()
+        np.testing.assert_allclose(acts.example(i).hidden["decoder"], expected, atol=1e-5, rtol=1e-5)
 
 
 def _store_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -102,6 +102,26 @@ def test_shard_plan_invariants(lengths: list[int], shard_tokens: int, token_chun
     assert ex == len(lengths) and tok == sum(lengths)
 
 
+def test_default_shard_tokens_follow_the_bytes_a_token_stores() -> None:
+    """Llama 3 8B's 33 states of 4096 bfloat16 (270 KB a token): ~1,490 tokens a shard; XLM-R base's
+    13 x 768 (20 KB): the 16,384 cap; Llama 3 405B's 127 x 16384 (4.2 MB): the floor."""
+    from pipeline.plan import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_TOKENS, MIN_SHARD_TOKENS, shard_tokens_for
+    from schemas.arrays import build_arrays
+
+    def tokens(hidden: int, states: int, logits: str = "none", vocab: int | None = None) -> int:
+        arrays = build_arrays(
+            stacks={"decoder": hidden}, n_layers=states, store_dtype="bfloat16",
+            poolings={"decoder": ("last", "mean")}, logits=logits, vocab=vocab,
+        )  # fmt: skip
+        return shard_tokens_for(arrays)
+
+    # By hand: token id (int32) + special mask (int8) + the states; full logits add log-prob, entropy, vocab x 2.
+    assert tokens(4096, 33) == DEFAULT_SHARD_BYTES // (4 + 1 + 33 * 4096 * 2) == 1489
+    assert tokens(4096, 33, "full", 128_256) == DEFAULT_SHARD_BYTES // (4 + 1 + 33 * 4096 * 2 + 4 + 4 + 128_256 * 2)
+    assert tokens(768, 13) == DEFAULT_SHARD_TOKENS
+    assert tokens(16384, 127) == MIN_SHARD_TOKENS
+
+
 @given(specs, st.lists(st.integers(0, 30), min_size=1, max_size=20), st.booleans())
 def test_manifest_round_trips_through_dict(spec: ModelSpec, lengths: list[int], complete: bool) -> None:
     from pipeline.plan import plan_geometry
