@@ -29,6 +29,7 @@ from pipeline.models.helpers import coerce_device
 from pipeline.models.quantization import check_quantizable
 from pipeline.plan import DEFAULT_MAX_FULL_LOGITS_GB, check_full_logits, plan, shard_tokens_for
 from pipeline.reduce import Reducer
+from pipeline.residency import MappedRanges
 from pipeline.resolve import Resolved, resolve
 from pipeline.run import RunHooks, run_shards
 from pipeline.stop import StopFlag
@@ -277,6 +278,10 @@ def extract(
             provenance=_provenance(cfg, device, resolved, shard_tokens) | cluster_facts,
         )
         scope.callback(writer.close)  # the writer lease, until the run is done: the store may be removed again
+        # The texts and metadata are read for the last time (the store has the metadata): their
+        # memory-mapped pages leave the resident set instead of staying there through the run.
+        n_empty = resolved.examples.n_empty()
+        MappedRanges([resolved.examples.texts, resolved.examples.metadata]).release()
         pending = writer.pending_shards()
         done = len(writer.geometry.shards) - len(pending)
         if done:
@@ -319,7 +324,7 @@ def extract(
         manifest = writer.finalize(
             stats={
                 "n_truncated": tokenized.n_truncated,
-                "n_empty": resolved.examples.n_empty(),
+                "n_empty": n_empty,
             }
         )
     _warn_nonfinite(manifest, say)

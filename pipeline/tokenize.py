@@ -22,6 +22,7 @@ import numpy as np
 from cache.keys import hash_value
 from pipeline.dataset_tables import quiet_datasets
 from pipeline.datasets import Examples
+from pipeline.residency import MappedRanges
 
 __all__ = ["Tokenized", "tokenize_examples", "tokenizer_hash"]
 
@@ -50,6 +51,7 @@ class Tokenized:
     lengths: np.ndarray
     max_length: int
     n_truncated: int
+    mapped: MappedRanges | None = None  # the file's mapping, whose read pages `flat` hands back
 
     @classmethod
     def open(cls, path: Path, max_length: int) -> Tokenized:
@@ -61,10 +63,15 @@ class Tokenized:
         table = dataset.with_format("arrow")[:]
         lengths = table.column("length").to_numpy().astype(np.int64)
         n_truncated = int(np.count_nonzero(table.column("truncated").to_numpy(zero_copy_only=False)))
-        return cls(dataset, lengths, max_length, n_truncated)
+        return cls(dataset, lengths, max_length, n_truncated, MappedRanges([table]))
 
     def flat(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """The token columns of examples [start, stop), examples back to back (one Arrow read)."""
+        """The token columns of examples [start, stop), examples back to back (one Arrow read).
+
+        The file's pages that earlier calls read are handed back first: a run reads each shard's
+        once, and the views returned before still read right (their pages fault in again)."""
+        if self.mapped is not None:
+            self.mapped.release()
         table = self.dataset.with_format("arrow")[start:stop]
         return {
             name: table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)

@@ -8,15 +8,12 @@ never does (a notebook or a metrics job keeps its gc, heap and threads as they w
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import gc
 import os
 import threading
 from types import TracebackType
-from typing import Any
 
+from pipeline.residency import libc
 from pipeline.run import RunHooks
 
 __all__ = ["ProcessTuning"]
@@ -63,12 +60,12 @@ class ProcessTuning(RunHooks):
             gc.enable()
 
     def shard_done(self) -> None:
-        libc = _libc()
-        if libc is None or not hasattr(libc, "malloc_trim"):
+        c = libc()
+        if c is None or not hasattr(c, "malloc_trim"):
             return
         rss = _resident()
         if self._trimmed_rss is None or rss is None or rss > self._trimmed_rss + _TRIM_SLACK:
-            libc.malloc_trim(0)
+            c.malloc_trim(0)
             self._trimmed_rss = _resident()
 
     def writer_started(self) -> None:
@@ -87,12 +84,4 @@ def _resident() -> int | None:
         with open("/proc/self/statm", "rb") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        return None
-
-
-@functools.cache
-def _libc() -> Any:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
         return None

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
 from pipeline import tokenize
 from pipeline.datasets import load_examples, resolve_dataset
+from pipeline.residency import MappedRanges
 from pipeline.tokenize import _encoder, tokenize_examples
+from tests.texts import SENTENCES
 
 pytestmark = pytest.mark.unit
 
@@ -67,3 +72,49 @@ def test_a_rerun_reads_the_cached_file_and_a_crash_leaves_no_half_file(tiny_dir:
     stamp = cached.stat().st_mtime_ns
     again = tokenize_examples(examples, tokenizer, max_length=32, cache_dir=tmp_path / "tok", tok_hash="t")
     assert cached.stat().st_mtime_ns == stamp and again.lengths.tolist() == first.lengths.tolist()
+
+
+def _resident_kib(ranges: set[tuple[int, int]]) -> int:
+    """KiB of the mappings `ranges` in this process's resident set, from /proc/self/smaps."""
+    total, inside = 0, False
+    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as smaps:
+        for line in smaps:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                inside = tuple(int(x, 16) for x in head.split("-")) in ranges
+            elif inside and head == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_read_pages_of_the_arrow_files_leave_the_resident_set_and_read_right_again(
+    tiny_dir: Any, tmp_path: Path
+) -> None:
+    """A run reads one shard's token columns at a time: the pages of the tokenized file read before
+    leave the resident set (else a run ends with the whole file resident, ~150 MB per million short
+    texts), and so do the examples' once the store has them; every slice still reads the tokenizer's ids."""
+    texts = SENTENCES * 2000  # 32,000 texts: a tokenized file of a few MB
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir("bert"))
+    examples = load_examples(resolve_dataset(str(data)), tmp_path / "arrow")
+    tokenized = tokenize_examples(examples, tokenizer, max_length=64, cache_dir=tmp_path / "tok", tok_hash="bert")
+    size = Path(tokenized.dataset.cache_files[0]["filename"]).stat().st_size
+    assert tokenized.mapped is not None and tokenized.mapped.nbytes >= size > 2 << 20
+    ranges = set(tokenized.mapped.ranges)
+    want = tokenizer(texts, truncation=True, max_length=64)["input_ids"]
+    step, peak = len(texts) // 16, 0
+    for start in [*range(0, len(texts), step), 0]:  # and the first slice again, after its pages went
+        got = tokenized.flat(start, start + step)["input_ids"]
+        np.testing.assert_array_equal(got, np.concatenate(want[start : start + step]))
+        peak = max(peak, _resident_kib(ranges) * 1024)
+    assert peak < size / 4, f"{peak} bytes of a {size}-byte file resident: earlier slices' pages stayed"
+
+    assert [examples.text(i) for i in range(0, len(texts), 997)] == texts[::997]  # every page of the texts read
+    mapped = MappedRanges([examples.texts, examples.metadata])
+    before = _resident_kib(set(mapped.ranges))
+    assert mapped.ranges and before > 0
+    mapped.release()
+    assert _resident_kib(set(mapped.ranges)) < before / 4
+    assert examples.texts.column("text").to_pylist() == texts
