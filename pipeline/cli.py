@@ -186,8 +186,8 @@ def _add_extract(commands: Any) -> None:
         "--shard-tokens",
         type=int,
         help=(
-            "tokens per shard, the unit of commit and resume (default: as many as hold "
-            f"{DEFAULT_SHARD_BYTES >> 20} MB of per-token arrays, at most {DEFAULT_SHARD_TOKENS:,}; "
+            "tokens per shard, the unit of commit and resume (default: about as many as hold "
+            f"{DEFAULT_SHARD_BYTES >> 20} MiB of per-token arrays, at most {DEFAULT_SHARD_TOKENS:,}; "
             "a run holds two shards in memory)"
         ),
     )

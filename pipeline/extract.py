@@ -206,9 +206,11 @@ def extract(
         token_level=outputs.token_level,
         vocab=resolved.vocab_size,
     )
-    # Sized before the model is loaded, for the logits asked for (a model without a head stores none).
+    # Sized before the model is loaded, for the logits asked for (a model without a head stores none,
+    # and a vocabulary of unknown size is sized without full logits).
+    sized_logits = "none" if outputs.logits == "full" and not resolved.vocab_size else outputs.logits
     shard_tokens = (
-        cfg.shard_tokens if cfg.shard_tokens is not None else shard_tokens_for(store_arrays(logits=outputs.logits))
+        cfg.shard_tokens if cfg.shard_tokens is not None else shard_tokens_for(store_arrays(logits=sized_logits))
     )
     geometry = plan(
         tokenized.lengths,

@@ -43,8 +43,9 @@ def plan(lengths: Sequence[int] | np.ndarray, *, shard_tokens: int, hidden: int,
     itemsize = 4 if store_dtype == "float32" else 2
     token_chunk = min(default_token_chunk(hidden, itemsize), 2 ** math.ceil(math.log2(max(2, shard_tokens))))
     mean = max(1.0, float(np.mean(lengths))) if len(lengths) else 1.0
-    # Shards end on multiples of the example chunk: make it about a shard's worth of examples.
-    example_chunk = int(min(1024, max(4, 2 ** math.floor(math.log2(max(1.0, shard_tokens / mean))))))
+    # Shards end on multiples of the example chunk: make it at most a shard's worth of examples (one,
+    # for examples longer than a shard), so a shard ends less than a shard's worth past shard_tokens.
+    example_chunk = int(min(1024, 2 ** math.floor(math.log2(max(1.0, shard_tokens / mean)))))
     return plan_geometry(lengths, shard_tokens=shard_tokens, token_chunk=token_chunk, example_chunk=example_chunk)
 
 

@@ -27,11 +27,20 @@ _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 
 
 class MappedRanges:
-    """Read-only mappings of .arrow files that hold some tables' buffers, found once; `release()` drops their pages."""
+    """Read-only mappings of .arrow files that hold some tables' buffers; `release()` drops their pages.
+
+    Each mapping is kept with its identity (device, inode, offset) and advised only while
+    /proc/self/maps still shows that same read-only mapping there: an address whose mapping went
+    (a table dropped, a copy unpickled elsewhere) is never advised again, whatever now sits there.
+    """
 
     def __init__(self, tables: Iterable[Any]) -> None:
         addresses = sorted(_buffer_addresses(tables))
-        self.ranges = [(start, stop) for start, stop in _readonly_file_mappings() if _holds(addresses, start, stop)]
+        self.mappings = [m for m in _arrow_mappings() if _holds(addresses, m[0], m[1])]
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return [(start, stop) for start, stop, _ in self.mappings]
 
     @property
     def nbytes(self) -> int:
@@ -40,10 +49,12 @@ class MappedRanges:
     def release(self) -> None:
         """Drop this process's resident pages of the mappings (a hint: a failure changes nothing)."""
         c = libc()
-        if c is None or not hasattr(c, "madvise"):
+        if c is None or not hasattr(c, "madvise") or not self.mappings:
             return
-        for start, stop in self.ranges:
-            c.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_DONTNEED)
+        still = set(_arrow_mappings())
+        for start, stop, identity in self.mappings:
+            if (start, stop, identity) in still:
+                c.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), _MADV_DONTNEED)
 
 
 def _buffer_addresses(tables: Iterable[Any]) -> set[int]:
@@ -56,26 +67,27 @@ def _buffer_addresses(tables: Iterable[Any]) -> set[int]:
 
 
 def _holds(addresses: list[int], start: int, stop: int) -> bool:
-
+    """Whether any of the sorted `addresses` is in [start, stop)."""
     i = bisect.bisect_left(addresses, start)
     return i < len(addresses) and addresses[i] < stop
 
 
-def _readonly_file_mappings() -> list[tuple[int, int]]:
-    """(start, stop) of this process's read-only mappings of .arrow files (Linux /proc/self/maps)."""
+def _arrow_mappings() -> list[tuple[int, int, str]]:
+    """(start, stop, identity) of this process's read-only mappings of .arrow files (Linux /proc/self/maps);
+    identity is the mapping's device, inode, offset and path."""
     if not sys.platform.startswith("linux"):
         return []
-    ranges = []
+    found = []
     with contextlib.suppress(OSError), open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
         for line in maps:
-            fields = line.split(maxsplit=5)
+            fields = line.rstrip("\n").split(maxsplit=5)
             # address perms offset dev inode path. Arrow files only: a library's read-only pages
             # may differ from its file (relocated, then write-protected), an Arrow file's never do.
-            if len(fields) < 6 or "w" in fields[1] or fields[4] == "0" or not fields[5].rstrip("\n").endswith(".arrow"):
+            if len(fields) < 6 or "w" in fields[1] or fields[4] == "0" or not fields[5].endswith(".arrow"):
                 continue
             start, stop = (int(x, 16) for x in fields[0].split("-"))
-            ranges.append((start, stop))
-    return ranges
+            found.append((start, stop, " ".join((fields[2], fields[3], fields[4], fields[5]))))
+    return found
 
 
 @functools.cache

@@ -20,8 +20,10 @@ import transformers
 from cache import open_activations, verify
 from pipeline import plan, reduce
 from pipeline.extract import ExtractConfig, extract
+from pipeline.run import RunHooks
 from schemas import ConfigError
 from tests.checks import assert_float16_of
+from tests.mappings import resident_kib
 from tests.texts import SENTENCES
 
 pytestmark = pytest.mark.integration
@@ -214,6 +216,27 @@ def test_default_shard_size_is_set_by_the_bytes_a_token_stores(
         np.testing.assert_array_equal(acts.example(i).token_ids, ids.numpy())
         expected = torch.stack(stacks["decoder"])[:, 0].numpy()
         np.testing.assert_allclose(acts.example(i).hidden["decoder"], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_the_examples_arrow_pages_are_not_resident_while_the_shards_run(
+    tiny_dir: Any, texts_file: Path, tmp_path: Path
+) -> None:
+    """The texts and metadata are read for the last time before the run (the store has the metadata):
+    their memory-mapped pages are handed back, not kept resident through every shard."""
+    cache = tmp_path / "c"
+    under = str(cache / "datasets")
+
+    class Look(RunHooks):
+        def run_started(self) -> None:
+            self.mapped = resident_kib(lambda a, b, path: path.startswith(under) and path.endswith(".arrow"))
+            self.any_mapping = any(under in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+    look = Look()
+    cfg = ExtractConfig(model=str(tiny_dir("bert")), data=str(texts_file), cache_dir=str(cache), quiet=True)
+    assert extract(cfg, out=open(os.devnull, "w"), hooks=look).manifest.complete
+    assert look.any_mapping, "the examples come from memory-mapped Arrow files under the cache root"
+    assert look.mapped == 0
 
 
 def _store_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -105,7 +105,7 @@ def test_shard_plan_invariants(lengths: list[int], shard_tokens: int, token_chun
 def test_default_shard_tokens_follow_the_bytes_a_token_stores() -> None:
     """Llama 3 8B's 33 states of 4096 bfloat16 (270 KB a token): ~1,490 tokens a shard; XLM-R base's
     13 x 768 (20 KB): the 16,384 cap; Llama 3 405B's 127 x 16384 (4.2 MB): the floor."""
-    from pipeline.plan import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_TOKENS, MIN_SHARD_TOKENS, shard_tokens_for
+    from pipeline.plan import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_TOKENS, MIN_SHARD_TOKENS, plan, shard_tokens_for
     from schemas.arrays import build_arrays
 
     def tokens(hidden: int, states: int, logits: str = "none", vocab: int | None = None) -> int:
@@ -120,6 +120,11 @@ def test_default_shard_tokens_follow_the_bytes_a_token_stores() -> None:
     assert tokens(4096, 33, "full", 128_256) == DEFAULT_SHARD_BYTES // (4 + 1 + 33 * 4096 * 2 + 4 + 4 + 128_256 * 2)
     assert tokens(768, 13) == DEFAULT_SHARD_TOKENS
     assert tokens(16384, 127) == MIN_SHARD_TOKENS
+    # Examples longer than a shard: one a shard, not blocks of four (4 x 8,192 tokens: 8.8 GB a buffer).
+    geometry = plan([8192] * 10, shard_tokens=tokens(4096, 33), hidden=4096, store_dtype="bfloat16")
+    assert [s.n_tokens for s in geometry.shards] == [8192] * 10
+    geometry = plan([500] * 40, shard_tokens=tokens(4096, 33), hidden=4096, store_dtype="bfloat16")
+    assert all(1489 <= s.n_tokens < 2 * 1489 for s in geometry.shards[:-1])
 
 
 @given(specs, st.lists(st.integers(0, 30), min_size=1, max_size=20), st.booleans())

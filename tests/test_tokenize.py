@@ -15,6 +15,7 @@ from pipeline import tokenize
 from pipeline.datasets import load_examples, resolve_dataset
 from pipeline.residency import MappedRanges
 from pipeline.tokenize import _encoder, tokenize_examples
+from tests.mappings import resident_kib
 from tests.texts import SENTENCES
 
 pytestmark = pytest.mark.unit
@@ -74,19 +75,6 @@ def test_a_rerun_reads_the_cached_file_and_a_crash_leaves_no_half_file(tiny_dir:
     assert cached.stat().st_mtime_ns == stamp and again.lengths.tolist() == first.lengths.tolist()
 
 
-def _resident_kib(ranges: set[tuple[int, int]]) -> int:
-    """KiB of the mappings `ranges` in this process's resident set, from /proc/self/smaps."""
-    total, inside = 0, False
-    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as smaps:
-        for line in smaps:
-            head = line.split(maxsplit=1)[0]
-            if "-" in head and not head.endswith(":"):
-                inside = tuple(int(x, 16) for x in head.split("-")) in ranges
-            elif inside and head == "Rss:":
-                total += int(line.split()[1])
-    return total
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_read_pages_of_the_arrow_files_leave_the_resident_set_and_read_right_again(
     tiny_dir: Any, tmp_path: Path
@@ -108,13 +96,36 @@ def test_read_pages_of_the_arrow_files_leave_the_resident_set_and_read_right_aga
     for start in [*range(0, len(texts), step), 0]:  # and the first slice again, after its pages went
         got = tokenized.flat(start, start + step)["input_ids"]
         np.testing.assert_array_equal(got, np.concatenate(want[start : start + step]))
-        peak = max(peak, _resident_kib(ranges) * 1024)
+        peak = max(peak, resident_kib(lambda a, b, _: (a, b) in ranges) * 1024)
     assert peak < size / 4, f"{peak} bytes of a {size}-byte file resident: earlier slices' pages stayed"
 
     assert [examples.text(i) for i in range(0, len(texts), 997)] == texts[::997]  # every page of the texts read
     mapped = MappedRanges([examples.texts, examples.metadata])
-    before = _resident_kib(set(mapped.ranges))
+    examples_ranges = set(mapped.ranges)
+    before = resident_kib(lambda a, b, _: (a, b) in examples_ranges)
     assert mapped.ranges and before > 0
     mapped.release()
-    assert _resident_kib(set(mapped.ranges)) < before / 4
+    assert resident_kib(lambda a, b, _: (a, b) in examples_ranges) < before / 4
     assert examples.texts.column("text").to_pylist() == texts
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_only_read_only_mappings_of_arrow_files_are_ever_released(tmp_path: Path) -> None:
+    """Pages that may not be the file's (in memory, mapped writable, another kind of file) are never
+    advised: there MADV_DONTNEED would zero data instead of reading it again."""
+    import pyarrow as pa
+
+    table = pa.table({"x": np.arange(1 << 18, dtype=np.int64)})
+    assert MappedRanges([table]).ranges == []
+    for name in ("t.arrow", "t.feather"):
+        with pa.OSFile(str(tmp_path / name), "wb") as sink, pa.ipc.new_file(sink, table.schema) as out:
+            out.write_table(table)
+
+    def mapped(name: str, mode: str) -> pa.Table:
+        return pa.ipc.open_file(pa.memory_map(str(tmp_path / name), mode)).read_all()
+
+    read_only = mapped("t.arrow", "r")
+    assert MappedRanges([read_only]).ranges, "the read-only .arrow mapping is found"
+    assert MappedRanges([mapped("t.arrow", "r+")]).ranges == []
+    assert MappedRanges([mapped("t.feather", "r")]).ranges == []
+    assert read_only.column("x").to_numpy().tolist() == table.column("x").to_numpy().tolist()
