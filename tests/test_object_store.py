@@ -43,12 +43,14 @@ def _config(model: Path, cache: str | Path, **options: Any) -> ExtractConfig:
     return ExtractConfig(model=str(model), cache_dir=str(cache), **{"quiet": True, **SHARDS, **options})
 
 
-def _one_thread(model: Path, cache: str | Path, **options: Any) -> Any:
+def _one_thread(
+    model: Path, cache: str | Path, *, stop: StopFlag | None = None, hooks: Any = None, **options: Any
+) -> Any:
     """A single-process run with the workers' torch thread count: a matmul's sums split the same way."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return extract(_config(model, cache, **options))
+        return extract(_config(model, cache, **options), stop=stop, hooks=hooks)
     finally:
         torch.set_num_threads(threads)
 
@@ -127,8 +129,8 @@ def test_a_run_is_refused_while_another_holds_the_lease_and_resumes_after(
 ) -> None:
     cache = f"{bucket}/cache"
     flag = StopFlag()
-    with pytest.raises(Interrupted):  # a first run commits one shard, then stops
-        extract(_config(tiny_dir("bert"), cache), stop=flag, hooks=_StopAfterFirstShard(flag))
+    with pytest.raises(Interrupted):  # a first run commits one shard, then stops (one thread, as the local store)
+        _one_thread(tiny_dir("bert"), cache, stop=flag, hooks=_StopAfterFirstShard(flag))
     store = store_path(as_path(cache), local_store.key)
     with writer_lease(store) as held:  # another live run (this process) writes the store
         assert held is not None and json.loads(writers_path(store).read_bytes())["run"] == held.run
