@@ -396,12 +396,9 @@ class StoreWriter:
         """Uncompressed bytes the arrays of `shards` take: an upper bound for the space they need."""
         total = 0
         for spec in self.manifest.arrays:
-            per_item = (
-                int(np.prod((*spec.leading, *spec.trailing), dtype=np.int64)) * np.dtype(spec.physical_dtype).itemsize
-            )
             for shard in shards:
                 start, stop = shard.axis_range(spec.axis, self.geometry)
-                total += per_item * (stop - start)
+                total += spec.row_bytes * (stop - start)
         return total
 
     def _zarr_group(self) -> Any:
