@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from schemas import ConfigError, OutputSpec
-from schemas.arrays import ArraySpec
+from schemas.arrays import ArraySpec, store_itemsize
 from schemas.geometry import Geometry, ShardRange
 
 __all__ = [
@@ -40,7 +40,7 @@ def shard_tokens_for(arrays: Iterable[ArraySpec]) -> int:
 
 def plan(lengths: Sequence[int] | np.ndarray, *, shard_tokens: int, hidden: int, store_dtype: str) -> Geometry:
     """Shards of about `shard_tokens` tokens; chunks of one layer ~2 MB, never much above a shard."""
-    itemsize = 4 if store_dtype == "float32" else 2
+    itemsize = store_itemsize(store_dtype)
     token_chunk = min(default_token_chunk(hidden, itemsize), 2 ** math.ceil(math.log2(max(2, shard_tokens))))
     mean = max(1.0, float(np.mean(lengths))) if len(lengths) else 1.0
     # Shards end on multiples of the example chunk: make it at most a shard's worth of examples (one,
@@ -95,7 +95,7 @@ def check_full_logits(outputs: OutputSpec, n_tokens: int, vocab: int, limit_gb: 
     """Size of full logits, said before anything runs ('' for other modes); above `limit_gb` it is refused."""
     if outputs.logits != "full":
         return ""
-    itemsize = 4 if outputs.store_dtype == "float32" else 2
+    itemsize = store_itemsize(outputs.store_dtype)
     size_gb = n_tokens * vocab * itemsize / 1e9
     if size_gb > limit_gb:
         raise ConfigError(

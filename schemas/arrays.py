@@ -34,7 +34,12 @@ from schemas.store import (
     pooled_name,
 )
 
-__all__ = ["ArraySpec", "build_arrays", "commit_array", "index_arrays"]
+__all__ = ["ArraySpec", "build_arrays", "commit_array", "index_arrays", "store_itemsize"]
+
+
+def store_itemsize(dtype: str) -> int:
+    """Bytes a value of logical dtype `dtype` takes in the store before compression (bfloat16: its raw 2)."""
+    return int(np.dtype(PHYSICAL_DTYPES.get(dtype, dtype)).itemsize)
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class ArraySpec:
     @property
     def row_bytes(self) -> int:
         """Bytes one step of the split axis holds (a token's, an example's), as stored."""
-        return math.prod(self.leading) * math.prod(self.trailing) * np.dtype(self.physical_dtype).itemsize
+        return math.prod(self.leading) * math.prod(self.trailing) * store_itemsize(self.dtype)
 
     @property
     def is_float(self) -> bool:
