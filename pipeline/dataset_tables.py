@@ -169,7 +169,13 @@ def _split(loaded: Any, spec: DatasetSpec) -> Any:
         raise ConfigError(
             f"dataset {spec.name!r} has no split {spec.split!r}; it has {sorted(loaded)}. Fix: --split NAME."
         )
-    split = loaded[spec.split].flatten_indices()
+    split = loaded[spec.split]
+    # `.data.table` is the table before any indices mapping (a select or shuffle), so one is made the
+    # table; loaded splits have none, and flattening would copy the whole table to disk for nothing
+    # (a second Arrow file as big as the dataset's). datasets has no public test for a mapping: a
+    # version without `_indices` gets the copy.
+    if getattr(split, "_indices", True) is not None:
+        split = split.flatten_indices()
     _check_text_columns(split, spec)
     return split
 

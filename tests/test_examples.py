@@ -55,3 +55,20 @@ def test_pairs_and_a_limit_per_language(rows: Path, tmp_path: Path) -> None:
     limited = load_examples(resolve_dataset(str(rows), limit=2), tmp_path / "arrow")
     assert _meta(limited)["id"] == [1, 2, 3], "the first two rows of each language, in dataset order"
     assert _meta(limited)["row"] == [0, 1, 2]
+
+
+def test_the_arrow_cache_holds_one_copy_of_a_file_and_a_selection_is_its_rows(rows: Path, tmp_path: Path) -> None:
+    """A file's rows are kept once as Arrow (no second file as big as the dataset's); a split that
+    selects rows through an indices mapping still gives those rows, not the table under it."""
+    import datasets
+
+    from pipeline.dataset_tables import _split
+
+    examples = load_examples(resolve_dataset(str(rows)), tmp_path / "arrow")
+    assert [examples.text(i) for i in range(len(examples))] == ["a b", "", "c", "d"]
+    copies = sorted(p.name for p in (tmp_path / "arrow").rglob("*.arrow"))
+    assert len(copies) == 1, f"one Arrow copy of the file, not {copies}"
+    loaded = datasets.Dataset.from_list(ROWS).select([3, 1])
+    assert loaded.data.num_rows == 4, "the control: select keeps the table and maps indices"
+    picked = _split(datasets.DatasetDict({"train": loaded}), resolve_dataset(str(rows)))
+    assert picked.data.table.column("id").to_pylist() == [4, 2]
