@@ -152,7 +152,9 @@ def _encoder(tokenizer: Any, max_length: int, pair: bool, *, fast: bool = True) 
         maybe = [i for i, n in enumerate(lengths) if n >= max_length]
         if maybe:
             again = [[col[i] for i in maybe] for col in columns]
-            raw = [tokenizer(col, add_special_tokens=False)["input_ids"] for col in again]
+            # verbose=False: untruncated on purpose, so transformers' "longer than the specified
+            # maximum ... will result in indexing errors" would be false (what is stored is cut).
+            raw = [tokenizer(col, add_special_tokens=False, verbose=False)["input_ids"] for col in again]
             for j, i in enumerate(maybe):
                 flags[i] = sum(len(col[j]) for col in raw) + specials > max_length
         return flags

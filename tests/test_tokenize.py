@@ -129,3 +129,30 @@ def test_only_read_only_mappings_of_arrow_files_are_ever_released(tmp_path: Path
     assert MappedRanges([mapped("t.arrow", "r+")]).ranges == []
     assert MappedRanges([mapped("t.feather", "r")]).ranges == []
     assert read_only.column("x").to_numpy().tolist() == table.column("x").to_numpy().tolist()
+
+
+def test_counting_a_cut_text_whole_warns_nothing(tiny_dir: Any, tmp_path: Path) -> None:
+    """Truncation is counted by tokenizing the few texts cut to max_length again, whole; transformers
+    would warn that such a sequence "will result in indexing errors", which is false for what is stored
+    (a user saw it on every `extract --quiet` of long texts)."""
+    import logging
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir("bert"))
+    tokenizer.model_max_length = MAX_LENGTH  # the texts below run past the model's length
+    texts = [" ".join(SENTENCES[:4]), SENTENCES[0]]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    source = logging.getLogger("transformers.tokenization_utils_base")
+    level = source.level
+    source.addHandler(handler)
+    source.setLevel(logging.WARNING)
+    try:
+        encoded = _encoder(tokenizer, MAX_LENGTH, False)([texts])
+        assert encoded["truncated"] == [True, False]
+        assert not [r.getMessage() for r in records if "sequence length" in r.getMessage()]
+        tokenizer(texts[0])  # the control: the call itself warns (once per tokenizer)
+        assert [r for r in records if "sequence length" in r.getMessage()], "the control warned"
+    finally:
+        source.removeHandler(handler)
+        source.setLevel(level)
