@@ -144,13 +144,23 @@ def store_bytes(path: Path) -> int:
     if not is_local(path):
         fs = path.fs  # type: ignore[attr-defined]  # a UPath
         return int(fs.du(path.path, total=True))  # type: ignore[attr-defined]
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-            except FileNotFoundError:
-                pass
+    # One scandir pass, a stat per file only: a store of a million examples is ~60k chunk files in ~20k
+    # directories, and os.walk's joins and link checks took 1 s of every cache hit's and `ls`'s time.
+    total, folders = 0, [str(path)]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except OSError:  # a directory removed or unreadable meanwhile counts nothing, as os.walk skips it
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):  # a link is not followed, nor counted
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512
+                except FileNotFoundError:  # removed since the directory was read
+                    pass
     return total
 
 

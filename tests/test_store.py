@@ -775,3 +775,24 @@ def test_hand_written_chunk_files_are_zarrs_byte_for_byte(_cache_root: Path, tmp
                 assert chunk.read_bytes() == twin.read_bytes(), chunk
                 compared += 1
     assert compared > 50
+
+
+def test_store_bytes_counts_every_file_below_as_find_does(tmp_path: Path) -> None:
+    """Allocated bytes of every regular file under a store, nested folders and all, checked against
+    find(1)'s own block count of regular files; a symlinked folder is not followed (its files count once,
+    where they are)."""
+    from cache import store_bytes
+
+    root = tmp_path / "store.zarr"
+    for i, size in enumerate([0, 1, 4095, 4096, 70_000, 1 << 20]):
+        folder = root / f"a{i % 3}" / "c" / str(i)
+        folder.mkdir(parents=True)
+        (folder / "0").write_bytes(os.urandom(size))
+    (root / "empty" / "deep").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big").write_bytes(os.urandom(1 << 20))
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    found = subprocess.run(["find", str(root), "-type", "f", "-printf", "%b\\n"], capture_output=True, text=True)
+    want = 512 * sum(int(n) for n in found.stdout.split())
+    assert want >= (1 << 20) + 70_000 + 2 * 4096 and store_bytes(root) == want
