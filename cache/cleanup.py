@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache.catalog import committed, delete_leased, read_manifest
-from cache.files import lock_path, try_flock
+from cache.files import file_stats, lock_path, try_flock
 from cache.lease import exclusive_lease
 from cache.paths import cache_root, require_local
 from cache.zattrs import store_version
@@ -202,10 +202,4 @@ def _remove_creation(path: Path, cutoff: float) -> str | None:
 
 def _newest_mtime(path: Path) -> float:
     newest = path.stat().st_mtime
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
-            except FileNotFoundError:
-                pass
-    return newest
+    return max(newest, max((st.st_mtime for st in file_stats(path)), default=newest))

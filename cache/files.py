@@ -19,6 +19,7 @@ from schemas import StoreCorruptError
 __all__ = [
     "PARTIAL_SUFFIX",
     "atomic_write_bytes",
+    "file_stats",
     "flocked",
     "json_ready",
     "lock_fd",
@@ -54,6 +55,30 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True, crash_a
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def file_stats(path: Path) -> Iterator[os.stat_result]:
+    """The lstat of every regular file under the folder `path`, one scandir pass (links are not followed).
+
+    A store of a million examples is ~60k chunk files in ~20k folders: os.walk's joins and link
+    checks took 1 s of every cache hit's and `ls`'s time there. A folder or file removed meanwhile
+    (or unreadable) is skipped, as os.walk skips it.
+    """
+    folders = [str(path)]
+    while folders:
+        try:
+            entries = os.scandir(folders.pop())
+        except OSError:
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        yield entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
 
 
 def remove_tree(path: Path) -> None:

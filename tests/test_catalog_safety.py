@@ -156,6 +156,19 @@ def test_gc_removes_an_old_incomplete_store_and_nothing_else(_cache_root: Path) 
     assert {i.key for i in list_stores()} == {done.key, fresh.name.removesuffix(".zarr")}
 
 
+def test_gc_keeps_an_old_store_with_one_file_written_lately_deep_inside(_cache_root: Path) -> None:
+    """A run resuming an old store writes chunk files folders below its root, whose own mtime stays old:
+    the newest file anywhere under the store counts."""
+    stale = _incomplete_store(_cache_root)
+    deep = max((p for p in stale.rglob("*") if p.is_file()), key=lambda p: len(p.parts))
+    assert len(deep.relative_to(stale).parts) >= 2, "the control: a file in a folder of the store"
+    _age(stale)
+    os.utime(deep)  # written now
+    assert gc(older_than_days=7) == GcResult(removed=(), kept=()) and stale.is_dir()
+    _age(stale)
+    assert gc(older_than_days=7).removed == (stale,)
+
+
 def test_gc_keeps_a_store_whose_every_shard_is_committed(_cache_root: Path) -> None:
     """A crash before finalize (or a manifest rebuilt by verify) leaves all the data, marked incomplete."""
     writer, _ = complete_store(_cache_root)
