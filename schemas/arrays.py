@@ -34,12 +34,17 @@ from schemas.store import (
     pooled_name,
 )
 
-__all__ = ["ArraySpec", "build_arrays", "commit_array", "index_arrays", "store_itemsize"]
+__all__ = ["ArraySpec", "build_arrays", "commit_array", "index_arrays", "physical_dtype", "store_itemsize"]
+
+
+def physical_dtype(dtype: str) -> str:
+    """The numpy dtype the store keeps values of logical dtype `dtype` in (bfloat16: its raw bits, uint16)."""
+    return PHYSICAL_DTYPES.get(dtype, dtype)
 
 
 def store_itemsize(dtype: str) -> int:
     """Bytes a value of logical dtype `dtype` takes in the store before compression (bfloat16: its raw 2)."""
-    return int(np.dtype(PHYSICAL_DTYPES.get(dtype, dtype)).itemsize)
+    return int(np.dtype(physical_dtype(dtype)).itemsize)
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,7 @@ class ArraySpec:
 
     @property
     def physical_dtype(self) -> str:
-        return PHYSICAL_DTYPES.get(self.dtype, self.dtype)
+        return physical_dtype(self.dtype)
 
     @property
     def row_bytes(self) -> int:

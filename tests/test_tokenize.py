@@ -131,7 +131,7 @@ def test_only_read_only_mappings_of_arrow_files_are_ever_released(tmp_path: Path
     assert read_only.column("x").to_numpy().tolist() == table.column("x").to_numpy().tolist()
 
 
-def test_counting_a_cut_text_whole_warns_nothing(tiny_dir: Any, tmp_path: Path) -> None:
+def test_counting_a_cut_text_whole_warns_nothing(tiny_dir: Any) -> None:
     """Truncation is counted by tokenizing the few texts cut to max_length again, whole; transformers
     would warn that such a sequence "will result in indexing errors", which is false for what is stored
     (a user saw it on every `extract --quiet` of long texts)."""
