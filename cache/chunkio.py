@@ -10,7 +10,9 @@ Object stores are read the same way, one GET a chunk, so a missing or corrupt ch
 same error there; they are written through zarr (one PUT a chunk). For the codec chains the
 store uses (bytes + Blosc + crc32c; bytes + crc32c too) a chunk file is the chunk's
 little-endian bytes, Blosc-framed or not, followed by the CRC32C of those bytes (4 bytes,
-little-endian). Any other chain gets `None` from
+little-endian); for text (vlen-utf8 + crc32c, the metadata columns) it is numcodecs'
+VLenUTF8 frame, decoded to Python str without zarr's copy into a numpy StringDType array
+(the examples table of a million rows: 0.9 -> 0.5 s). Any other chain gets `None` from
 `ChunkFiles.of` and callers go through zarr. Tests compare this path with zarr's reads
 for every chain and dtype the store writes, and its chunk files with zarr's, byte for byte.
 """
@@ -48,7 +50,7 @@ class ChunkFiles:
     lead: int  # leading axes, chunked by 1 (layers); the split axis follows
     dtype: np.dtype
     fill: Any
-    codec: Any  # numcodecs.Blosc, or None for uncompressed chunks
+    codec: Any  # numcodecs.Blosc or VLenUTF8 (text: dtype object), or None for uncompressed chunks
     local: bool = True  # False: `directory` is an fsspec path (an object store), read through fsspec
     # Decodes or encodes several chunks at once; None: one by one.
     pool: ChunkPool | None = field(default=None, compare=False)
@@ -59,21 +61,30 @@ class ChunkFiles:
     def of(
         cls, array: Any, directory: Path, lead: int, pool: ChunkPool | None = None, written: WrittenFiles | None = None
     ) -> ChunkFiles | None:
-        """For a zarr v3 array stored at `directory`; None when its codecs are not bytes [+ Blosc] + crc32c."""
-        from numcodecs import Blosc
+        """For a zarr v3 array stored at `directory`; None unless its codecs are bytes [+ Blosc] + crc32c or
+        vlen-utf8 + crc32c."""
+        from numcodecs import Blosc, VLenUTF8
         from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
+        from zarr.codecs.vlen_utf8 import VLenUTF8Codec
 
         meta = array.metadata
         codecs: tuple[Any, ...] = tuple(getattr(meta, "codecs", ()))
         middle = codecs[1:-1]
         if (
-            sys.byteorder != "little"
+            getattr(meta.chunk_key_encoding, "separator", None) != "/"
             or len(codecs) not in (2, 3)
-            or not isinstance(codecs[0], BytesCodec)
             or not isinstance(codecs[-1], Crc32cCodec)
+        ):
+            return None
+        if len(codecs) == 2 and isinstance(codecs[0], VLenUTF8Codec):  # text: zarr's own codec, as Python str
+            return cls(
+                directory, tuple(array.chunks), lead, np.dtype(object), "", VLenUTF8(), is_local(directory), pool
+            )
+        if (
+            sys.byteorder != "little"
+            or not isinstance(codecs[0], BytesCodec)
             or not all(isinstance(c, BloscCodec) for c in middle)
             or (codecs[0].endian is not None and codecs[0].endian.value != "little")
-            or getattr(meta.chunk_key_encoding, "separator", None) != "/"
         ):
             return None
         codec = None
@@ -118,7 +129,7 @@ class ChunkFiles:
             elif hi - lo == step and target.flags.c_contiguous:
                 self.codec.decode(frame, out=target)
             else:
-                whole = np.frombuffer(self.codec.decode(frame), dtype=self.dtype).reshape(step, *trailing)
+                whole = self._decoded(frame).reshape(step, *trailing)
                 target[...] = whole[lo - c * step : hi - c * step]
 
         self._each(one, range(start // step, -(-stop // step)))
@@ -153,9 +164,9 @@ class ChunkFiles:
                 whole = np.full((step, *trailing), self.fill, dtype=self.dtype)
                 whole[: len(chunk)] = chunk
                 chunk = whole
-            raw = chunk.astype(self.dtype, copy=False).view(np.uint8).reshape(-1)
+            raw = chunk if self.text else chunk.astype(self.dtype, copy=False).view(np.uint8).reshape(-1)
             body = self.codec.encode(raw) if self.codec is not None else raw
-            crc = _crc32c(body).to_bytes(4, "little")
+            crc = _crc32c(np.frombuffer(body, dtype=np.uint8)).to_bytes(4, "little")  # text's frame is a bytearray
             coords = (*index, c, *tail)
             path = self.path(coords)
             try:
@@ -174,6 +185,15 @@ class ChunkFiles:
 
         self._each(one, jobs)
         return sums
+
+    @property
+    def text(self) -> bool:
+        """Chunks of Python str (zarr's vlen-utf8), not fixed-size numbers."""
+        return self.dtype.hasobject
+
+    def _decoded(self, frame: memoryview) -> np.ndarray:
+        decoded = self.codec.decode(frame)
+        return decoded if self.text else np.frombuffer(decoded, dtype=self.dtype)
 
     def _each(self, task: Callable[[Any], None], items: Sequence[Any]) -> None:
         """`task(item)` for every item: on the pool's threads when there are several, else here."""

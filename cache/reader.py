@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cache.catalog import find_store, read_manifest
+from cache.chunkio import ChunkFiles
 from cache.integrity import committed
 from cache.paths import alias_name, cache_root
 from cache.views import StoreView
@@ -105,7 +106,7 @@ def _text_column(chunks: Iterable[np.ndarray], n: int) -> Any:
         start += len(values)
     names = np.array(list(vocabulary), dtype=object)
     if distinct or len(vocabulary) > n // 2:
-        return np.concatenate([names[codes[:start]].astype(np.dtypes.StringDType()), *distinct])
+        return np.concatenate([names[codes[:start]], *distinct])
     order = np.argsort(names)
     rank = np.empty(len(order), dtype=np.int32)
     rank[order] = np.arange(len(order), dtype=np.int32)
@@ -290,8 +291,13 @@ class Activations(StoreView):
             if array.dtype.kind not in "OTU":  # numbers, already compact
                 return np.asarray(array[:])
             step, n = int(array.chunks[0]), int(array.shape[0])
-            return _text_column((np.asarray(array[i : i + step]) for i in range(0, n, step)), n)
-        except ValueError as exc:  # what zarr's crc32c codec raises on a corrupt chunk
+            files = ChunkFiles.of(array, self.path / name, 0, self._pool)
+            if files is None:
+                chunks = (np.asarray(array[i : i + step], dtype=object) for i in range(0, n, step))
+            else:  # Python str straight from each chunk file, not through zarr's StringDType copy
+                chunks = (files.read_rows((), i, min(i + step, n)) for i in range(0, n, step))
+            return _text_column(chunks, n)
+        except (ValueError, StoreCorruptError) as exc:  # zarr's crc32c codec raises ValueError on a corrupt chunk
             raise StoreCorruptError(f"store {self.key}, metadata array {name!r} fails its checksum. {fix}") from exc
 
     @property

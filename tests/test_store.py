@@ -178,6 +178,31 @@ def test_chunk_files_only_for_the_chains_they_implement(tmp_path: Path) -> None:
             np.testing.assert_array_equal(files.read_rows((row,), 5, 17), values[row, 5:17], err_msg=name)
 
 
+def test_text_chunk_files_read_and_write_as_zarr_does(tmp_path: Path) -> None:
+    """The metadata's text chain (vlen-utf8 + crc32c): ChunkFiles reads zarr's chunks as Python str and writes
+    zarr's bytes; without the checksum it is zarr's path."""
+    values = np.array(["", "a", "die Bank", "银行", "x" * 300, "ü"] * 4, dtype=object)  # 24 rows, chunks of 10
+
+    def array(name: str, compressors: Any) -> Any:
+        a = zarr.create_array(tmp_path / name, shape=(24,), chunks=(10,), dtype=str, compressors=compressors)
+        a[...] = values
+        return a
+
+    assert ChunkFiles.of(array("bare", None), tmp_path / "bare", 0) is None
+    source = array("text", compressors("str"))
+    files = ChunkFiles.of(source, tmp_path / "text", 0)
+    assert files is not None and files.text
+    for start, stop in ((0, 24), (3, 17), (10, 20), (23, 24)):
+        rows = files.read_rows((), start, stop)
+        assert rows.dtype == object and rows.tolist() == values[start:stop].tolist() == source[start:stop].tolist()
+    again = ChunkFiles.of(array("again", compressors("str")), tmp_path / "again", 0)
+    assert again is not None
+    again.write_rows(values[::-1].copy(), 0, 24)
+    source[...] = values[::-1]
+    for chunk in ("0", "1", "2"):
+        assert (tmp_path / "again" / "c" / chunk).read_bytes() == (tmp_path / "text" / "c" / chunk).read_bytes()
+
+
 def test_markers_from_before_crc32c_still_verify(_cache_root: Path) -> None:
     """Format-2 stores whose markers hold XXH3-128 hashes of whole chunk files (written before) verify."""
     writer, _ = complete_store(_cache_root)
