@@ -1,7 +1,5 @@
 """`python -m pipeline`: the same command line as the `actcache` console script."""
 
-import sys
+from pipeline.cli import console
 
-from pipeline.cli import main
-
-sys.exit(main())
+console()

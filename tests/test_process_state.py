@@ -100,3 +100,29 @@ def _difference(before: Any, after: Any) -> Any:
     if isinstance(before, dict) and isinstance(after, dict):
         return {k: (before.get(k), after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     return before, after
+
+
+CONSOLE = r"""
+import atexit, gc, sys
+from pipeline.cli import console, main
+status = main(["show", "no-such-store", "--cache-dir", sys.argv[1]])
+print("after main", status, gc.get_freeze_count(), flush=True)
+atexit.register(lambda: print("at exit", gc.get_freeze_count(), flush=True))
+sys.argv = ["actcache", "show", "no-such-store", "--cache-dir", sys.argv[1]]
+console()
+"""
+
+
+def test_the_console_script_exits_with_mains_status_and_skips_the_last_collections(tmp_path: Path) -> None:
+    """`console()` (the `actcache` script, `python -m pipeline`) exits with `main()`'s status, its objects frozen
+    out of the shutdown's garbage collections; `main()` alone, as a Python caller runs it, freezes nothing."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", CONSOLE, str(tmp_path / "cache")], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    lines = done.stdout.split("\n")
+    status = int(lines[0].split()[2])
+    assert status != 0 and lines[0] == f"after main {status} 0", done.stdout + done.stderr
+    assert done.returncode == status, done.stderr
+    assert lines[1].startswith("at exit ") and int(lines[1].split()[2]) > 1000, done.stdout
