@@ -11,8 +11,9 @@ same error there; they are written through zarr (one PUT a chunk). For the codec
 store uses (bytes + Blosc + crc32c; bytes + crc32c too) a chunk file is the chunk's
 little-endian bytes, Blosc-framed or not, followed by the CRC32C of those bytes (4 bytes,
 little-endian); for text (vlen-utf8 + crc32c, the metadata columns) it is numcodecs'
-VLenUTF8 frame, decoded to Python str without zarr's copy into a numpy StringDType array
-(the examples table of a million rows: 0.9 -> 0.5 s). Any other chain gets `None` from
+VLenUTF8 frame followed by the same CRC32C, decoded to Python str without zarr's copy into
+a numpy StringDType array (the examples table of a million rows: 0.92-1.02 -> 0.61-0.62 s,
+alternating; text decodes hold the GIL, so they gain nothing from the pool). Any other chain gets `None` from
 `ChunkFiles.of` and callers go through zarr. Tests compare this path with zarr's reads
 for every chain and dtype the store writes, and its chunk files with zarr's, byte for byte.
 """
@@ -64,8 +65,7 @@ class ChunkFiles:
         """For a zarr v3 array stored at `directory`; None unless its codecs are bytes [+ Blosc] + crc32c or
         vlen-utf8 + crc32c."""
         from numcodecs import Blosc, VLenUTF8
-        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
-        from zarr.codecs.vlen_utf8 import VLenUTF8Codec
+        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, VLenUTF8Codec
 
         meta = array.metadata
         codecs: tuple[Any, ...] = tuple(getattr(meta, "codecs", ()))
@@ -77,8 +77,17 @@ class ChunkFiles:
         ):
             return None
         if len(codecs) == 2 and isinstance(codecs[0], VLenUTF8Codec):  # text: zarr's own codec, as Python str
+            text = np.dtype(object)
             return cls(
-                directory, tuple(array.chunks), lead, np.dtype(object), "", VLenUTF8(), is_local(directory), pool
+                directory,
+                tuple(array.chunks),
+                lead,
+                text,
+                meta.fill_value,
+                VLenUTF8(),
+                is_local(directory),
+                pool,
+                written,
             )
         if (
             sys.byteorder != "little"
@@ -211,7 +220,9 @@ class ChunkFiles:
                 with open(path, "rb", buffering=0) as fh:
                     size = os.fstat(fh.fileno()).st_size
                     buffer = getattr(_local, "buffer", None)
-                    if buffer is None or len(buffer) < size:
+                    if self.text:  # read once per table, and a text chunk may be far larger: not kept
+                        buffer = bytearray(size)
+                    elif buffer is None or len(buffer) < size:
                         buffer = _local.buffer = bytearray(max(size, 1 << 20))
                     view = memoryview(buffer)[:size]
                     got = fh.readinto(view)

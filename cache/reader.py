@@ -89,7 +89,8 @@ def _text_column(chunks: Iterable[np.ndarray], n: int) -> Any:
     """A text column read chunk by chunk. Where values repeat (language, field, an id shared by
     translations) it is a pandas Categorical with sorted categories: one string object per distinct
     value, not one per example, and one chunk's strings decoded at a time (the table of a million
-    examples is then tens of MB, not hundreds). Mostly distinct values stay strings."""
+    examples is then tens of MB, not hundreds). Mostly distinct values stay an object array of
+    Python str (pandas 3 keeps them as its `str` dtype)."""
     import pandas as pd
 
     vocabulary: dict[str, int] = {}
@@ -297,7 +298,13 @@ class Activations(StoreView):
             else:  # Python str straight from each chunk file, not through zarr's StringDType copy
                 chunks = (files.read_rows((), i, min(i + step, n)) for i in range(0, n, step))
             return _text_column(chunks, n)
-        except (ValueError, StoreCorruptError) as exc:  # zarr's crc32c codec raises ValueError on a corrupt chunk
+        except StoreCorruptError as exc:  # chunkio's: its fix (`actcache verify`) is for shards, not metadata
+            start, stop = getattr(exc, "rows", (0, n))
+            raise StoreCorruptError(
+                f"store {self.key}, metadata array {name!r}: the chunk file of rows {start}-{stop - 1} is missing "
+                f"or fails its checksum. {fix}"
+            ) from None
+        except ValueError as exc:  # what zarr's crc32c codec raises on a corrupt chunk
             raise StoreCorruptError(f"store {self.key}, metadata array {name!r} fails its checksum. {fix}") from exc
 
     @property

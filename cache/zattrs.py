@@ -96,6 +96,9 @@ def _static_array(
         fill_value="" if text else (-1 if np.dtype(dtype).kind in "iu" else np.nan),
         dimension_names=dims,
         attributes={"description": description},
+        # Every chunk is written, even one of fill values alone (a label column of -1s, text that is all
+        # missing): a reader takes an absent chunk for a lost one.
+        config={"write_empty_chunks": True},
     )
 
 

@@ -534,7 +534,8 @@ def console() -> NoReturn:
     interpreter's shutdown otherwise traverses every object left (a run's modules and caches,
     ~470k objects) in several collections: 0.7 s of a 2,000-text extract's 14.3-14.9 s and 0.6 s
     of a million-row cache hit's 4.1-4.2 s here (`bench/results/2026-12-04-vm-epyc-exit-freeze-ab.json`).
-    Objects are still freed and files closed as the modules go; `atexit` handlers still run.
+    Objects are still freed as the modules go and `atexit` handlers still run; only objects in
+    reference cycles are left unfinalized, and every file the command writes is closed by then.
     `main()` itself changes nothing of the sort: callers in Python keep their collector.
     """
     status = main()
@@ -543,7 +544,7 @@ def console() -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `actcache` console script; returns the exit status.
+    """The command line; returns the exit status (`console` is the script that exits with it).
 
     Every error ends as one line naming the problem and the fix (`--debug` adds the traceback).
     The process-wide set-up (signal handlers, test-only crash points) is undone on return.

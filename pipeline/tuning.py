@@ -3,6 +3,7 @@
 `actcache extract` is a process of its own, so it may tune that process; the Python API
 never does (a notebook or a metrics job keeps its gc, heap and threads as they were).
 `ProcessTuning` is entered by the CLI around one command and hands everything back on exit.
+(At the process's very end the console script freezes gc once more: `pipeline.cli.console`.)
 """
 
 from __future__ import annotations

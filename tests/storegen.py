@@ -136,9 +136,12 @@ if __name__ == "__main__":
     print("wrote", shards)
 
 
-def complete_store(root: Path, store_dtype: str = "float16", order: str = "reverse") -> tuple[StoreWriter, Synthetic]:
-    """A store of `synthetic()` data with every shard written (in reverse order by default), finalized, closed."""
-    data = synthetic()
+def complete_store(
+    root: Path, store_dtype: str = "float16", order: str = "reverse", data: Synthetic | None = None
+) -> tuple[StoreWriter, Synthetic]:
+    """A store of `data` (default `synthetic()`) with every shard written (in reverse order by default), finalized,
+    closed."""
+    data = data or synthetic()
     writer = open_writer(root, data, store_dtype)
     indices = [s.index for s in writer.geometry.shards]
     for index in reversed(indices) if order == "reverse" else indices:

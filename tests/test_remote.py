@@ -95,8 +95,12 @@ def test_a_corrupt_metadata_chunk_is_named(_cache_root: Path) -> None:
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     chunk.write_bytes(bytes(raw))
-    with pytest.raises(StoreCorruptError, match=f"metadata array {column!r} fails its checksum"):
+    with pytest.raises(
+        StoreCorruptError, match=f"metadata array {column!r}: the chunk file of rows 0-.*checksum"
+    ) as err:
         open_activations(str(writer.path)).examples  # noqa: B018
+    assert "actcache rm" in str(err.value) and "verify" not in str(err.value), "metadata is not a shard verify resets"
+    assert err.value.__cause__ is None and err.value.__suppress_context__
 
 
 def test_ls_show_and_verify_accept_an_s3_url(remote_cache: tuple[str, Any, Any], s3: dict[str, str]) -> None:

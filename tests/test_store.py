@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import xxhash
@@ -770,9 +772,23 @@ def test_examples_table_is_decoded_a_text_chunk_at_a_time(_cache_root: Path, mon
     table = open_activations(writer.key).examples
     assert table["language"].dtype == "category"
     assert list(table["language"].cat.categories) == sorted(set(data.examples["language"]))
-    assert table["id"].dtype != "category"
+    assert table["id"].dtype != "category" and pd.api.types.is_string_dtype(table["id"])
     for column, values in data.examples.items():
         assert table[column].tolist() == values, column
+
+
+def test_metadata_columns_of_fill_values_alone_read_back(_cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A metadata column whose every value is its array's fill (missing or empty text, -1 labels, NaN scores)
+    still has its chunk files, so it reads back as written, not as a store that lost them."""
+    monkeypatch.setattr(zattrs, "TEXT_CHUNK", 4)
+    data = synthetic()
+    n = len(data.lengths)
+    data.examples |= {"note": [None] * n, "blank": [""] * n, "label": [-1] * n, "score": [math.nan] * n}
+    writer, _ = complete_store(_cache_root, data=data)
+    table = open_activations(writer.key).examples
+    assert table["note"].tolist() == table["blank"].tolist() == [""] * n
+    assert table["label"].tolist() == [-1] * n
+    assert np.isnan(table["score"].to_numpy()).all() and len(table) == n
 
 
 @pytest.mark.parametrize("store_dtype", ["float16", "bfloat16"])
