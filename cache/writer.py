@@ -38,7 +38,7 @@ from cache.keys import cache_key
 from cache.lease import writer_lease, writers_path
 from cache.objectlease import require_run
 from cache.paths import is_local, store_path
-from cache.zattrs import ExampleColumns, root_attributes, set_complete, zarr_group
+from cache.zattrs import EVERY_CHUNK, ExampleColumns, root_attributes, set_complete, zarr_group
 from schemas import LayoutMismatchError, ShardClaimedError, StoreCorruptError, StoreNotFoundError
 from schemas.arrays import ArraySpec, commit_array, index_arrays
 from schemas.geometry import Geometry, ShardRange
@@ -389,7 +389,7 @@ class StoreWriter:
     def _array(self, spec: ArraySpec) -> Any:
         """`spec`'s zarr array, writing every chunk, even one that holds only the fill value (so none is missing)."""
         if spec.name not in self._arrays:
-            self._arrays[spec.name] = self._zarr_group()[spec.name].with_config({"write_empty_chunks": True})
+            self._arrays[spec.name] = self._zarr_group()[spec.name].with_config(EVERY_CHUNK)
         return self._arrays[spec.name]
 
     def bytes_for(self, shards: Sequence[ShardRange]) -> int:

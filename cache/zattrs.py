@@ -44,6 +44,7 @@ from schemas.store import (
 )
 
 __all__ = [
+    "EVERY_CHUNK",
     "ExampleColumns",
     "compressors",
     "consolidate",
@@ -71,6 +72,10 @@ def compressors(dtype: str) -> list[Any]:
     return [Crc32cCodec()]
 
 
+# Every chunk is written, even one that holds only the fill (a label column of -1s, text all missing,
+# a shard's padding): a reader takes an absent chunk file for a lost one, so deletions are detectable.
+EVERY_CHUNK = {"write_empty_chunks": True}
+
 # Decoding a text chunk makes a Python string per value on the way (~100 B each): a reader's peak
 # memory for the examples table is one chunk of these, so they are kept short.
 TEXT_CHUNK = 65_536
@@ -96,9 +101,7 @@ def _static_array(
         fill_value="" if text else (-1 if np.dtype(dtype).kind in "iu" else np.nan),
         dimension_names=dims,
         attributes={"description": description},
-        # Every chunk is written, even one of fill values alone (a label column of -1s, text that is all
-        # missing): a reader takes an absent chunk for a lost one.
-        config={"write_empty_chunks": True},
+        config=EVERY_CHUNK,
     )
 
 
@@ -173,7 +176,7 @@ def create_arrays(group: Any, manifest: Manifest, examples: ExampleColumns | Non
             dimension_names=spec.dims,
             chunk_key_encoding=dict(CHUNK_KEY_ENCODING),
             attributes=attrs,
-            config={"write_empty_chunks": True},  # every owned chunk exists: deletions are detectable
+            config=EVERY_CHUNK,
         )
     layer = np.asarray(manifest.layers, dtype=np.int32)
     _static(group, LAYER, layer, ("layer",), "the model's hidden-state index of each stored layer (0 = embeddings)")
