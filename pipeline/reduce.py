@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline.staging import HostStaging, host_array
 from schemas import ModelOutputs
 from schemas.store import (
     LOGITS_ENTROPY,
@@ -39,16 +40,9 @@ def _storage_tensor(values: torch.Tensor, store_dtype: str) -> torch.Tensor:
     return values.to(getattr(torch, store_dtype))
 
 
-def _to_numpy(stored: torch.Tensor) -> np.ndarray:
-    """A store-dtype tensor as the numpy array the store keeps (bfloat16 as its uint16 bits)."""
-    if stored.dtype == torch.bfloat16:
-        return stored.view(torch.int16).cpu().numpy().view(np.uint16)
-    return stored.cpu().numpy()
-
-
 def storage_array(values: torch.Tensor, store_dtype: str) -> np.ndarray:
     """A tensor as the numpy array the store keeps: float16, bfloat16 bits (uint16) or float32."""
-    return _to_numpy(_storage_tensor(values, store_dtype))
+    return host_array(_storage_tensor(values, store_dtype).cpu())
 
 
 @dataclass
@@ -59,6 +53,12 @@ class BatchResult:
     token_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # split axis = len(leading)
     example_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     nonfinite: dict[str, list[int]] = field(default_factory=dict)  # per stack, per stored layer
+    staging: HostStaging | None = None  # holds token arrays whose copy to the host may be in flight
+
+    def wait(self) -> None:
+        """Return once every array here is on the host (a copy from a GPU runs while the host goes on)."""
+        if self.staging is not None:
+            self.staging.wait()
 
 
 @dataclass(frozen=True)
@@ -85,17 +85,22 @@ class Reducer:
         special_mask: torch.Tensor,
         into: Mapping[str, np.ndarray] | None = None,
         starts: np.ndarray | None = None,
+        staging: HostStaging | None = None,
     ) -> BatchResult:
         """Reduce one batch; `special_mask` (B, S) marks special tokens, as the tokenizer said.
 
         With `into` (the shard's buffers) and `starts` (each example's first token in them), on
         the CPU, hidden states are cast straight from the padded outputs into place, one copy
         per example and layer, and `token_arrays` leaves them out: one pass over the values,
-        not three (gather, cast, scatter).
+        not three (gather, cast, scatter). Otherwise each stack's kept layers are gathered into
+        `staging`'s buffers (reused: the next call overwrites them) and, from a GPU, copied there
+        last and without blocking: call `result.wait()` before reading `token_arrays`.
         """
         mask = out.attention_mask.bool()
         lengths = mask.sum(1)
-        result = BatchResult(lengths=[int(n) for n in lengths.tolist()])
+        staging = HostStaging() if staging is None else staging
+        result = BatchResult(lengths=[int(n) for n in lengths.tolist()], staging=staging)
+        gathered: dict[str, torch.Tensor] = {}
         ids = out.input_ids[mask]
         result.token_arrays[TOKEN_IDS] = ids.to(torch.int32).cpu().numpy()
         result.token_arrays[SPECIAL_MASK] = special_mask.to(mask.device)[mask].to(torch.int8).cpu().numpy()
@@ -110,36 +115,37 @@ class Reducer:
                 target = _tensor(into[hidden_name(stack)])
                 result.nonfinite[stack] = self._place(states, target, starts, result.lengths)
             else:
-                result.nonfinite[stack] = self._gather(states, mask, result, hidden_name(stack))
+                gathered[hidden_name(stack)], result.nonfinite[stack] = self._gather(
+                    states, mask, staging, hidden_name(stack)
+                )
             for how in self.poolings[stack]:
                 pooled = torch.stack([_pool(states[i], mask, lengths, how) for i in self.layers])
                 result.example_arrays[pooled_name(stack, how)] = storage_array(pooled, self.store_dtype)
         if self.wants_logits and out.logits is not None:
             result.token_arrays |= self._logits(out, mask)
+        if self.token_level:  # the big copies last: everything above waits for the device, they need not
+            for name, stored in gathered.items():
+                result.token_arrays[name] = staging.to_host(name, stored)
         return result
 
     def _gather(
-        self, states: tuple[torch.Tensor, ...], mask: torch.Tensor, result: BatchResult, name: str
-    ) -> list[int]:
-        """The real tokens of the kept layers, each example's in order, examples back to back, into
-        `result.token_arrays[name]` (token-level stores); returns the non-finite count per layer.
+        self, states: tuple[torch.Tensor, ...], mask: torch.Tensor, staging: HostStaging, name: str
+    ) -> tuple[torch.Tensor, list[int]]:
+        """The real tokens of the kept layers, each example's in order, examples back to back, as
+        an (L, T, H) tensor of the store's dtype in `staging`'s `target`, and the non-finite count
+        per layer.
 
         No (L, B, S, H) copy: each layer is gathered once and cast into place (no stacked copy
         at the model's dtype), its peak read on the way.
         """
-        stored = torch.empty(
-            (len(self.layers), int(mask.sum()), states[0].shape[-1]),
-            dtype=getattr(torch, self.store_dtype),
-            device=mask.device,
-        )  # (L, T, H)
+        shape = (len(self.layers), int(mask.sum()), states[0].shape[-1])  # (L, T, H)
+        stored = staging.target(name, shape, getattr(torch, self.store_dtype), mask.device)
         peaks = []
         for j, i in enumerate(self.layers):
             real = states[i][mask]
             peaks.append(_peak(real))
             stored[j] = real
-        if self.token_level:
-            result.token_arrays[name] = _to_numpy(stored)
-        return _nonfinite(peaks, stored.dtype, lambda j: [stored[j]])
+        return stored, _nonfinite(peaks, stored.dtype, lambda j: [stored[j]])
 
     def _place(
         self, states: tuple[torch.Tensor, ...], target: torch.Tensor, starts: np.ndarray, lengths: list[int]

@@ -2,11 +2,13 @@
 
 Inside a shard, examples are sorted longest first and cut into batches of at most
 `batch_size` where the padding saved pays for another forward call (`pipeline.batching`);
-results are placed back in dataset order in the shard's buffers (`BufferPool`). A
-background thread (`BackgroundWriter`) writes and commits finished shards while the model
-computes the next one. With a `StopFlag` (the CLI's Ctrl-C and SIGTERM), a run stops after
-the batch in hand: the shard in progress is dropped (its claim released, nothing committed)
-and the shards already handed to the writer are committed.
+results are placed back in dataset order in the shard's buffers (`BufferPool`), each batch's
+after the next one's forward call (on a GPU the host places one batch while the device
+computes the next; `pipeline.staging`). A background thread (`BackgroundWriter`) writes and
+commits finished shards while the model computes the next one. With a `StopFlag` (the CLI's
+Ctrl-C and SIGTERM), a run stops after the batch in hand: the shard in progress is dropped
+(its claim released, nothing committed) and the shards already handed to the writer are
+committed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from cache.faults import crash_point
 from pipeline.batching import batches
 from pipeline.buffers import BufferPool
 from pipeline.reduce import BatchResult, Reducer
+from pipeline.staging import HostStaging
 from pipeline.stop import RESUME_HINT, StopFlag, signal_name
 from pipeline.tokenize import Tokenized
 from pipeline.writer_thread import BackgroundWriter
@@ -86,6 +89,7 @@ def run_shards(
     hooks = hooks or RunHooks()
     background = BackgroundWriter(writer, on_start=hooks.writer_started)
     pool = BufferPool(writer.manifest.arrays, writer.pending_shards())
+    staging = HostStaging()
     writing: dict[str, np.ndarray] | None = None  # the buffers of the shard the writer has
 
     def wait(held: list[ShardRange]) -> None:  # the rest is held by other live processes (or our writer thread)
@@ -102,7 +106,7 @@ def run_shards(
                 try:
                     work = run_shard(
                         runner, tokenized, writer.manifest.arrays, reducer, shard, views,
-                        batch_size=batch_size, progress=progress, flag=flag, stats=stats,
+                        batch_size=batch_size, progress=progress, flag=flag, stats=stats, staging=staging,
                     )  # fmt: skip
                 except BaseException:
                     claim.close()
@@ -155,24 +159,32 @@ def run_shard(
     progress: Any,
     flag: StopFlag,
     stats: RunStats,
+    staging: HostStaging | None = None,
 ) -> ShardWork | None:
     """Fill `buffers` with `shard`'s results in dataset order: what to write, or None if stopped.
 
     The one shard function: the local loop (`run_shards`) and a Dask worker's task
     (`pipeline.distributed`) both call it and hand its result to `StoreWriter.write_shard`.
-    `progress` is a tqdm-like bar (`update`, `set_postfix_str`); `stats` is added to.
+    `progress` is a tqdm-like bar (`update`, `set_postfix_str`); `stats` is added to;
+    `staging` is the host memory batches are gathered into, kept from shard to shard by the caller.
+    Each batch is placed in `buffers` after the next one's forward call, which on a GPU returns
+    before its kernels finish: the host places one batch while the device computes the next.
     """
     lengths = tokenized.lengths[shard.ex_start : shard.ex_stop]
     starts = np.concatenate([[0], np.cumsum(lengths)])[:-1]  # token offset of each example in the shard
     columns = tokenized.flat(shard.ex_start, shard.ex_stop)
     groups = batches(lengths, batch_size)
     nonfinite: dict[str, list[int]] = {}
+    staging = HostStaging() if staging is None else staging
+    placing: tuple[BatchResult, np.ndarray, list[tuple[int, int, int]]] | None = None  # the batch before
     for number, members in enumerate(groups, 1):
         at, sizes = starts[members], lengths[members]
         batch, special = _collate(columns, at, sizes, runner)
         out = runner.forward(batch, logits=reducer.wants_logits)
-        result: BatchResult = reducer(out, special, into=buffers, starts=at)
-        _scatter(arrays, buffers, result, members, _runs(at, sizes))
+        if placing is not None:  # while a GPU computes this batch (its kernels run on after forward returns)
+            _scatter(arrays, buffers, *placing)
+        result: BatchResult = reducer(out, special, into=buffers, starts=at, staging=staging)
+        placing = (result, members, _runs(at, sizes))
         for stack, counts in result.nonfinite.items():
             total = nonfinite.setdefault(stack, [0] * len(counts))
             nonfinite[stack] = [a + b for a, b in zip(total, counts, strict=True)]
@@ -185,6 +197,8 @@ def run_shard(
         crash_point("mid-batch")
         if flag.stop and number < len(groups):  # a shard whose last batch is done is committed
             return None
+    if placing is not None:
+        _scatter(arrays, buffers, *placing)
     return ShardWork(shard, buffers, lengths, {"nonfinite": nonfinite})
 
 
@@ -238,7 +252,8 @@ def _scatter(
 ) -> None:
     """Put a batch's results at their places in the shard (dataset order). Token arrays move
     run by run as slices, at copy speed (a fancy-indexed scatter of XLM-R's 13 x 768 float16
-    rows ran at 0.4 GB/s here)."""
+    rows ran at 0.4 GB/s here). Waits for the batch's copies to the host first."""
+    result.wait()
     for spec in arrays:
         axis: tuple[Any, ...] = (slice(None),) * len(spec.leading)
         if spec.name in result.token_arrays:
