@@ -201,6 +201,7 @@ def shard_rates(rows: int, model: Path, tmp: Path, n: int = 10, rounds: int = 2)
     from pipeline.reduce import Reducer
     from pipeline.resolve import resolve
     from pipeline.run import RunStats, run_shard
+    from pipeline.staging import HostStaging
     from pipeline.stop import StopFlag
     from schemas import OutputSpec
 
@@ -219,6 +220,7 @@ def shard_rates(rows: int, model: Path, tmp: Path, n: int = 10, rounds: int = 2)
     picked = {"first": shards[:n], "last": shards[-n:]}
     pool = BufferPool(manifest.arrays, [*picked["first"], *picked["last"]])
     seen: dict[str, list[float]] = {"first": [], "last": []}
+    staging = HostStaging()  # kept from shard to shard, as run_shards keeps it
     quiet = type("Quiet", (), {"update": lambda self, k: None, "set_postfix_str": lambda self, *a, **k: None})()
     for _ in range(rounds):
         for where, group in picked.items():
@@ -227,7 +229,7 @@ def shard_rates(rows: int, model: Path, tmp: Path, n: int = 10, rounds: int = 2)
                 started = time.perf_counter()
                 run_shard(
                     runner, tokenized, manifest.arrays, reducer, shard, views,
-                    batch_size=BATCH, progress=quiet, flag=StopFlag(), stats=RunStats(),
+                    batch_size=BATCH, progress=quiet, flag=StopFlag(), stats=RunStats(), staging=staging,
                 )  # fmt: skip
                 seen[where].append(shard.n_tokens / (time.perf_counter() - started))
                 pool.give_back(buffers)

@@ -325,7 +325,8 @@ def _result(future: Any) -> Mapping[str, Any]:
 
 
 class _WorkerState:
-    """What a worker process keeps between tasks: one model, one tokenized dataset, one buffer pool.
+    """What a worker process keeps between tasks: one model, one tokenized dataset, one buffer pool,
+    the host staging of gathered batches.
 
     A different model (another extract on the same cluster) replaces the one held. The lock
     runs one shard at a time per worker process, whatever its thread count: one model, one
@@ -337,6 +338,7 @@ class _WorkerState:
         self.model: tuple[WorkerModel, Any] | None = None
         self.tokenized: tuple[str, Any] | None = None
         self.pools: tuple[str, Any] | None = None
+        self.staging: Any = None  # pipeline.staging.HostStaging, made by the first shard
 
 
 _state = _WorkerState()
@@ -379,6 +381,7 @@ def shard_task(job: ShardJob, index: int) -> dict[str, Any]:
                     work = run_shard(
                         runner, tokenized, writer.manifest.arrays, job.reducer, shard, views,
                         batch_size=job.batch_size, progress=_NoBar(), flag=StopFlag(), stats=stats,
+                        staging=_staging(),
                     )  # fmt: skip
                 assert work is not None  # nothing sets this flag
                 write_started = time.perf_counter()
@@ -404,7 +407,16 @@ def _counts(index: int, stats: RunStats, write_seconds: float, started: float, *
 def release_worker_state() -> None:
     """Drop the model, data and buffers this worker holds (the client calls it on an attached cluster's workers)."""
     with _state.lock:
-        _state.model = _state.tokenized = _state.pools = None
+        _state.model = _state.tokenized = _state.pools = _state.staging = None
+
+
+def _staging() -> Any:
+    """This worker's host staging, reused from shard to shard (on a GPU: pinned buffers allocated once)."""
+    if _state.staging is None:
+        from pipeline.staging import HostStaging
+
+        _state.staging = HostStaging()
+    return _state.staging
 
 
 @contextlib.contextmanager

@@ -53,12 +53,13 @@ class BatchResult:
     token_arrays: dict[str, np.ndarray] = field(default_factory=dict)  # split axis = len(leading)
     example_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     nonfinite: dict[str, list[int]] = field(default_factory=dict)  # per stack, per stored layer
-    staging: HostStaging | None = None  # holds token arrays whose copy to the host may be in flight
+    copies: list[torch.cuda.Event] = field(default_factory=list)  # of token arrays still on their way from a GPU
 
     def wait(self) -> None:
         """Return once every array here is on the host (a copy from a GPU runs while the host goes on)."""
-        if self.staging is not None:
-            self.staging.wait()
+        for copy in self.copies:
+            copy.synchronize()
+        self.copies.clear()
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class Reducer:
         mask = out.attention_mask.bool()
         lengths = mask.sum(1)
         staging = HostStaging() if staging is None else staging
-        result = BatchResult(lengths=[int(n) for n in lengths.tolist()], staging=staging)
+        result = BatchResult(lengths=[int(n) for n in lengths.tolist()])
         gathered: dict[str, torch.Tensor] = {}
         ids = out.input_ids[mask]
         result.token_arrays[TOKEN_IDS] = ids.to(torch.int32).cpu().numpy()
@@ -125,7 +126,8 @@ class Reducer:
             result.token_arrays |= self._logits(out, mask)
         if self.token_level:  # the big copies last: everything above waits for the device, they need not
             for name, stored in gathered.items():
-                result.token_arrays[name] = staging.to_host(name, stored)
+                result.token_arrays[name], copy = staging.to_host(name, stored)
+                result.copies += [copy] if copy is not None else []
         return result
 
     def _gather(

@@ -224,7 +224,15 @@ def _collate(
     }
     if "token_type_ids" in columns:
         batch["token_type_ids"] = padded("token_type_ids", 0)
-    return {k: v.to(runner.device) for k, v in batch.items()}, padded("special_tokens_mask", 0)
+    return {k: _to_device(v, runner.device) for k, v in batch.items()}, padded("special_tokens_mask", 0)
+
+
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`values` on `device`; to a CUDA device from pinned memory without blocking, so the host does not
+    wait there for the device to finish the batch before (the copy still runs in the stream's order)."""
+    if torch.device(device).type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
 
 
 def _runs(starts: np.ndarray, lengths: np.ndarray) -> list[tuple[int, int, int]]:

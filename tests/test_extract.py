@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -19,8 +19,10 @@ import transformers
 
 from cache import open_activations, verify
 from pipeline import plan, reduce
+from pipeline import run as pipeline_run
 from pipeline.extract import ExtractConfig, extract
 from pipeline.run import RunHooks
+from pipeline.staging import HostStaging
 from schemas import ConfigError
 from tests.checks import assert_float16_of
 from tests.mappings import resident_kib
@@ -72,6 +74,40 @@ def direct_forward(path: Path, family: str, text: str) -> tuple[torch.Tensor, di
     else:
         stacks = {FAMILY_CLASSES[family][1][0]: out.hidden_states}
     return ids[0], stacks, getattr(out, "logits", None)
+
+
+class _RecordingStaging(HostStaging):
+    """The run's host staging, logging the order of its calls; each copy is handed back as a GPU's
+    would be (an event to wait on), which logs its wait."""
+
+    log: ClassVar[list[tuple[str, int]]] = []
+
+    def target(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        self.log.append(("target", len(self.log)))
+        return super().target(name, shape, dtype, device)
+
+    def to_host(self, name: str, values: torch.Tensor) -> tuple[np.ndarray, Any]:
+        array, _ = super().to_host(name, values)
+        batch = len(self.log)
+        self.log.append(("to_host", batch))
+        return array, type("Copy", (), {"synchronize": lambda _: self.log.append(("wait", batch))})()
+
+
+def test_a_gathered_batch_is_placed_after_its_copy_and_before_the_next_batch_reuses_the_buffer(
+    tiny_dir: Any, texts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The protocol a GPU run depends on and a CPU run cannot show by its values: each batch's copy to
+    the host is waited for once before the batch is placed, and before the next batch is gathered."""
+    monkeypatch.setattr(reduce, "_DIRECT_TOKENS", 10**9)
+    monkeypatch.setattr(pipeline_run, "HostStaging", _RecordingStaging)
+    monkeypatch.setattr(_RecordingStaging, "log", [])
+    result = run(tiny_dir("bert"), texts_file, tmp_path / "cache", shard_tokens=60, batch_size=5, logits="none")
+    log = _RecordingStaging.log
+    assert result.manifest.complete and len(result.manifest.geometry.shards) > 2
+    kinds = [kind for kind, _ in log]
+    batches = kinds.count("target")
+    assert batches > len(result.manifest.geometry.shards) and kinds == ["target", "to_host", "wait"] * batches
+    assert [at for kind, at in log if kind == "wait"] == [at for kind, at in log if kind == "to_host"]
 
 
 @pytest.mark.parametrize("place", ["direct", "gathered"])
