@@ -411,7 +411,7 @@ def release_worker_state() -> None:
 
 
 def _staging() -> Any:
-    """This worker's host staging, reused from shard to shard (on a GPU: pinned buffers allocated once)."""
+    """This worker's host staging, reused from shard to shard (pinned on a GPU; grown once per doubling)."""
     if _state.staging is None:
         from pipeline.staging import HostStaging
 

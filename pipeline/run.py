@@ -184,13 +184,15 @@ def run_shard(
         if placing is not None:  # while a GPU computes this batch (its kernels run on after forward returns)
             _scatter(arrays, buffers, *placing)
         result: BatchResult = reducer(out, special, into=buffers, starts=at, staging=staging)
+        positions = int(batch["input_ids"].numel())
+        del out, batch  # every layer of this batch: not held on the device through the next forward pass
         placing = (result, members, _runs(at, sizes))
         for stack, counts in result.nonfinite.items():
             total = nonfinite.setdefault(stack, [0] * len(counts))
             nonfinite[stack] = [a + b for a, b in zip(total, counts, strict=True)]
         n_tokens = int(sum(result.lengths))
         stats.tokens += n_tokens
-        stats.computed_positions += int(batch["input_ids"].numel())
+        stats.computed_positions += positions
         stats.examples += len(members)
         progress.set_postfix_str(f"{stats.examples} examples", refresh=False)
         progress.update(n_tokens)
@@ -224,15 +226,7 @@ def _collate(
     }
     if "token_type_ids" in columns:
         batch["token_type_ids"] = padded("token_type_ids", 0)
-    return {k: _to_device(v, runner.device) for k, v in batch.items()}, padded("special_tokens_mask", 0)
-
-
-def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`values` on `device`; to a CUDA device from pinned memory without blocking, so the host does not
-    wait there for the device to finish the batch before (the copy still runs in the stream's order)."""
-    if torch.device(device).type == "cuda":
-        return values.pin_memory().to(device, non_blocking=True)
-    return values.to(device)
+    return {k: v.to(runner.device) for k, v in batch.items()}, padded("special_tokens_mask", 0)
 
 
 def _runs(starts: np.ndarray, lengths: np.ndarray) -> list[tuple[int, int, int]]:

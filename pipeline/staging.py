@@ -82,7 +82,7 @@ def _capacity(size: int, dtype: torch.dtype, *, pinned: bool) -> int:
     at most once per doubling; what it held before is at most as much again)."""
     if not pinned:
         return int(size * _GROWTH)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     return max(1, (1 << (size * itemsize - 1).bit_length()) // itemsize)
 
 

@@ -78,7 +78,7 @@ def direct_forward(path: Path, family: str, text: str) -> tuple[torch.Tensor, di
 
 class _RecordingStaging(HostStaging):
     """The run's host staging, logging the order of its calls; each copy is handed back as a GPU's
-    would be (an event to wait on), which logs its wait."""
+    would be: an array that holds NaN until its event's `synchronize()` (logged) lands the values."""
 
     log: ClassVar[list[tuple[str, int]]] = []
 
@@ -88,26 +88,40 @@ class _RecordingStaging(HostStaging):
 
     def to_host(self, name: str, values: torch.Tensor) -> tuple[np.ndarray, Any]:
         array, _ = super().to_host(name, values)
-        batch = len(self.log)
+        landed, batch = array.copy(), len(self.log)
+        array[...] = np.nan  # in flight: a read before the wait stores NaN
+
+        def synchronize(_: Any) -> None:
+            self.log.append(("wait", batch))
+            array[...] = landed
+
         self.log.append(("to_host", batch))
-        return array, type("Copy", (), {"synchronize": lambda _: self.log.append(("wait", batch))})()
+        return array, type("Copy", (), {"synchronize": synchronize})()
 
 
-def test_a_gathered_batch_is_placed_after_its_copy_and_before_the_next_batch_reuses_the_buffer(
-    tiny_dir: Any, texts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("family", ["bert", "mt5"])  # mT5: two stacks, two copies a batch
+def test_a_gathered_batch_is_placed_after_its_copy_lands_and_before_the_next_batch_reuses_the_buffer(
+    family: str, tiny_dir: Any, texts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The protocol a GPU run depends on and a CPU run cannot show by its values: each batch's copy to
-    the host is waited for once before the batch is placed, and before the next batch is gathered."""
+    """The protocol a GPU run depends on and a CPU run cannot show by itself: each batch's copies to
+    the host are waited for once, before the batch is placed and before the next batch is gathered."""
     monkeypatch.setattr(reduce, "_DIRECT_TOKENS", 10**9)
     monkeypatch.setattr(pipeline_run, "HostStaging", _RecordingStaging)
     monkeypatch.setattr(_RecordingStaging, "log", [])
-    result = run(tiny_dir("bert"), texts_file, tmp_path / "cache", shard_tokens=60, batch_size=5, logits="none")
-    log = _RecordingStaging.log
+    path = tiny_dir(family)
+    result = run(path, texts_file, tmp_path / "cache", store_dtype="float32", shard_tokens=60, batch_size=5)
+    log, stacks = _RecordingStaging.log, len(FAMILY_CLASSES[family][1])
     assert result.manifest.complete and len(result.manifest.geometry.shards) > 2
     kinds = [kind for kind, _ in log]
-    batches = kinds.count("target")
-    assert batches > len(result.manifest.geometry.shards) and kinds == ["target", "to_host", "wait"] * batches
-    assert [at for kind, at in log if kind == "wait"] == [at for kind, at in log if kind == "to_host"]
+    batches = kinds.count("target") // stacks
+    per_batch = ["target"] * stacks + ["to_host"] * stacks + ["wait"] * stacks
+    assert batches > len(result.manifest.geometry.shards) and kinds == per_batch * batches
+    assert sorted(at for kind, at in log if kind == "wait") == [at for kind, at in log if kind == "to_host"]
+    acts = open_activations(result.key, cache_dir=tmp_path / "cache")
+    for i in (0, len(SENTENCES) + 1):
+        for stack, states in direct_forward(path, family, (SENTENCES * 2)[i])[1].items():
+            expected = torch.stack(states)[:, 0].numpy()
+            np.testing.assert_allclose(acts.example(i).hidden[stack], expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("place", ["direct", "gathered"])
