@@ -86,7 +86,8 @@ class Reducer:
         special_mask: torch.Tensor,
         into: Mapping[str, np.ndarray] | None = None,
         starts: np.ndarray | None = None,
-        staging: HostStaging | None = None,
+        *,
+        staging: HostStaging,
     ) -> BatchResult:
         """Reduce one batch; `special_mask` (B, S) marks special tokens, as the tokenizer said.
 
@@ -99,7 +100,6 @@ class Reducer:
         """
         mask = out.attention_mask.bool()
         lengths = mask.sum(1)
-        staging = HostStaging() if staging is None else staging
         result = BatchResult(lengths=[int(n) for n in lengths.tolist()])
         gathered: dict[str, torch.Tensor] = {}
         ids = out.input_ids[mask]

@@ -159,7 +159,7 @@ def run_shard(
     progress: Any,
     flag: StopFlag,
     stats: RunStats,
-    staging: HostStaging | None = None,
+    staging: HostStaging,
 ) -> ShardWork | None:
     """Fill `buffers` with `shard`'s results in dataset order: what to write, or None if stopped.
 
@@ -175,7 +175,6 @@ def run_shard(
     columns = tokenized.flat(shard.ex_start, shard.ex_stop)
     groups = batches(lengths, batch_size)
     nonfinite: dict[str, list[int]] = {}
-    staging = HostStaging() if staging is None else staging
     placing: tuple[BatchResult, np.ndarray, list[tuple[int, int, int]]] | None = None  # the batch before
     for number, members in enumerate(groups, 1):
         at, sizes = starts[members], lengths[members]
