@@ -11,6 +11,9 @@ bounce buffer. Here each name keeps one buffer, grown when a batch needs more:
   next batch's forward pass, and `pipeline.run` places the batch in the shard once the copy's
   event has completed, while the device computes the next one.
 
+Mean pooling of states narrower than float32 casts each layer into one such buffer too
+(`Reducer`): on the CPU, a fresh float32 copy per layer costs more in page faults than the cast.
+
 A buffer is overwritten by the next batch: its arrays must be placed before the next `target`.
 """
 

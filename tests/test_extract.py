@@ -58,9 +58,11 @@ def run(model: str | Path, data: str | Path, cache: Path, **options: Any) -> Any
     return extract(cfg, out=open(os.devnull, "w"))
 
 
-def direct_forward(path: Path, family: str, text: str) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor | None]:
+def direct_forward(
+    path: Path, family: str, text: str, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor | None]:
     auto, _ = FAMILY_CLASSES[family]
-    model = getattr(transformers, auto).from_pretrained(path, dtype=torch.float32).eval()
+    model = getattr(transformers, auto).from_pretrained(path, dtype=dtype).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     ids = tokenizer([text], return_tensors="pt")["input_ids"]
     kwargs: dict[str, Any] = {}
@@ -172,6 +174,29 @@ def test_stored_values_equal_a_direct_forward_of_each_example(
             )
         entropy = -(logp.exp() * logp).sum(-1).numpy()
         np.testing.assert_allclose(topk["entropy"][span], entropy, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "mt5"])  # mT5: two stacks share the float32 buffer mean pooling uses
+def test_mean_pooling_of_bfloat16_states_is_each_layers_float32_mean(
+    family: str, tiny_dir: Any, texts_file: Path, tmp_path: Path
+) -> None:
+    """A model run in bfloat16: every layer's stored mean is the float32 mean of that layer's stored
+    tokens (float32 store: the bfloat16 values exactly), which are a bfloat16 forward of the text alone."""
+    path = tiny_dir(family)
+    result = run(path, texts_file, tmp_path, dtype="bf16", store_dtype="float32", shard_tokens=60, batch_size=5)
+    acts = open_activations(result.key, cache_dir=tmp_path)
+    assert result.manifest.complete and len(result.manifest.geometry.shards) > 2
+    texts = SENTENCES * 2
+    for stack in FAMILY_CLASSES[family][1]:
+        means = np.stack([acts.pooled(layer, how="mean", stack=stack).compute() for layer in acts.layers], axis=1)
+        for i in range(0, len(texts), 3):
+            tokens = acts.example(i).hidden[stack]  # (layers, tokens, hidden)
+            np.testing.assert_allclose(means[i], tokens.mean(axis=1, dtype=np.float64), rtol=1e-5, atol=1e-6)
+    for i in range(0, len(texts), 7):
+        for stack, states in direct_forward(path, family, texts[i], torch.bfloat16)[1].items():
+            expected = torch.stack(states)[:, 0].float().numpy()
+            scale = np.abs(expected).max(axis=(1, 2), keepdims=True)  # a padded batch rounds a little apart
+            assert np.all(np.abs(acts.example(i).hidden[stack] - expected) <= 0.05 * scale)
 
 
 @pytest.mark.parametrize("family", ["bert", "xlmr", "llama", "mt5"])
