@@ -120,7 +120,7 @@ class Reducer:
                     states, mask, staging, hidden_name(stack)
                 )
             # Mean pooling reads float32: each layer is cast into one reused buffer, not a fresh copy per
-            # layer, whose page faults cost the CPU 7-9x the cast itself (bfloat16 states of Llama's size).
+            # layer, whose page faults cost the CPU 5-9x the cast itself (bfloat16 states of Llama's size).
             wide = None
             if "mean" in self.poolings[stack] and states[0].dtype != torch.float32:
                 wide = staging.target("mean pooling", tuple(states[0].shape), torch.float32, mask.device)
