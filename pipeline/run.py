@@ -88,7 +88,8 @@ def run_shards(
     flag = stop or StopFlag()
     hooks = hooks or RunHooks()
     background = BackgroundWriter(writer, on_start=hooks.writer_started)
-    pool = BufferPool(writer.manifest.arrays, writer.pending_shards())
+    pending = writer.pending_shards()
+    pool = BufferPool(writer.manifest.arrays, pending)
     staging = HostStaging()
     writing: dict[str, np.ndarray] | None = None  # the buffers of the shard the writer has
 
@@ -103,6 +104,8 @@ def run_shards(
         with flag.listen():
             for shard, claim in writer.claim_pending(wait=wait):
                 buffers, views = pool.take(shard)
+                if stats.shards_written == 0 and len(pending) > 1:  # the next shard's set, faulted in meanwhile
+                    pool.prefault()
                 try:
                     work = run_shard(
                         runner, tokenized, writer.manifest.arrays, reducer, shard, views,
@@ -124,6 +127,7 @@ def run_shards(
                 hooks.shard_done()
     finally:
         try:
+            pool.close()
             background.close()
         finally:
             hooks.run_ended()
