@@ -13,6 +13,8 @@ from schemas.store import OFFSETS
 
 __all__ = ["BufferPool"]
 
+_FAULT_STEP = 64 << 20  # bytes faulted in between checks for `close`: ~0.1-0.2 s of fresh memory on a VM
+
 
 class BufferPool:
     """Two sets at most: one being written while the next shard fills another, so memory stays flat
@@ -22,10 +24,10 @@ class BufferPool:
     example is placed once), so reused memory holds nothing stale.
 
     Only the first two shards meet fresh memory, and the first write to each of its pages is what
-    costs (the kernel maps and zeroes the page; on a VM, memory the guest has not used lately
-    costs far more: 0.3-0.5 GB/s on the 2-core test VM, 0.7-1.2 s for XLM-R base's 327 MB set).
-    `prefault` moves the second set's faults onto a thread of their own, beside the first
-    shard's compute, off the second shard's critical path.
+    costs: the kernel maps and zeroes the page, and on a VM memory the guest has not used lately
+    costs far more (README, "The store path at GPU speed"). `prefault` moves the second set's
+    faults onto a thread of their own, beside the first shard's compute, off the second shard's
+    critical path: a one-off saving per run.
     """
 
     def __init__(self, arrays: tuple[ArraySpec, ...], shards: list[ShardRange]) -> None:
@@ -35,6 +37,7 @@ class BufferPool:
         }
         self.free: list[dict[str, np.ndarray]] = []
         self._spare: tuple[threading.Thread, dict[str, np.ndarray]] | None = None  # being faulted in
+        self._cancel = threading.Event()
 
     def take(self, shard: ShardRange) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """A set of buffers, and its views sized for `shard`."""
@@ -64,16 +67,21 @@ class BufferPool:
 
     def prefault(self) -> None:
         """Allocate one more set, its pages faulted in on a thread of its own (the GIL released), for
-        the next `take` that finds no set free; call it once a shard is computing and another will follow."""
+        the next `take` that finds no set free; call it as a shard starts when another will follow."""
         if self._spare is None:
             buffers = self._new()
-            thread = threading.Thread(target=_fault_in, args=(buffers,), name="actcache-prefault", daemon=True)
+            self._cancel = threading.Event()
+            thread = threading.Thread(
+                target=_fault_in, args=(buffers, self._cancel), name="actcache-prefault", daemon=True
+            )
             thread.start()
             self._spare = (thread, buffers)
 
     def close(self) -> None:
-        """Wait for a set being faulted in and let it go: no thread of the pool outlives the run."""
+        """Let a set being faulted in go, its faulting cut short, once its thread has ended: no thread
+        of the pool outlives the run, and a run that stops or fails does not wait for the whole set."""
         if self._spare is not None:
+            self._cancel.set()
             self._spare[0].join()
             self._spare = None
 
@@ -84,10 +92,15 @@ class BufferPool:
         }
 
 
-def _fault_in(buffers: dict[str, np.ndarray]) -> None:
-    """Write one byte per page of each (fresh, contiguous) buffer: the kernel maps and zeroes them now."""
+def _fault_in(buffers: dict[str, np.ndarray], cancel: threading.Event) -> None:
+    """Write one byte per page of each (fresh, contiguous) buffer, so the kernel maps and zeroes them
+    now; `_FAULT_STEP` bytes at a time, until `cancel` is set."""
     for array in buffers.values():
-        array.reshape(-1).view(np.uint8)[:: mmap.PAGESIZE] = 0
+        flat = array.reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, _FAULT_STEP):
+            if cancel.is_set():
+                return
+            flat[start : start + _FAULT_STEP : mmap.PAGESIZE] = 0
 
 
 def _axis(spec: ArraySpec) -> str:

@@ -94,6 +94,7 @@ def run_shards(
     writing: dict[str, np.ndarray] | None = None  # the buffers of the shard the writer has
 
     def wait(held: list[ShardRange]) -> None:  # the rest is held by other live processes (or our writer thread)
+        pool.close()  # a spare set no shard may need (a taken-over shard gets a fresh one): not held while waiting
         stats.shards_waited.extend(s.index for s in held if s.index not in stats.shards_waited)
         background.check()
         if not background.wait_idle(_WAIT_SECONDS):  # ours: go on the moment its commit is done
@@ -103,10 +104,12 @@ def run_shards(
     try:
         with flag.listen():
             for shard, claim in writer.claim_pending(wait=wait):
-                buffers, views = pool.take(shard)
-                if stats.shards_written == 0 and len(pending) > 1:  # the next shard's set, faulted in meanwhile
-                    pool.prefault()
                 try:
+                    buffers, views = pool.take(shard)
+                    if stats.shards_written == 0 and len(pending) > 1 and not flag.stop:
+                        # The next shard's fresh memory faults in beside this shard's compute, not on its own
+                        # critical path; later shards reuse the two sets.
+                        pool.prefault()
                     work = run_shard(
                         runner, tokenized, writer.manifest.arrays, reducer, shard, views,
                         batch_size=batch_size, progress=progress, flag=flag, stats=stats, staging=staging,
@@ -127,8 +130,10 @@ def run_shards(
                 hooks.shard_done()
     finally:
         try:
-            pool.close()
-            background.close()
+            try:
+                pool.close()
+            finally:
+                background.close()
         finally:
             hooks.run_ended()
             stats.seconds = time.perf_counter() - started

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -267,6 +268,35 @@ def test_rerun_is_a_cache_hit_without_loading_the_model(
     changed = tiny_dir("bert")  # same model, other data: another key, so a real run
     with pytest.raises(AssertionError, match="must not load"):
         run(changed, texts_file, tmp_path / "c", limit=3)
+
+
+@pytest.mark.parametrize("shard_tokens", [60, 100_000])
+def test_a_run_makes_two_sets_of_shard_buffers_at_most_the_second_faulted_in_beside_the_first_shard(
+    tiny_dir: Any, texts_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shard_tokens: int
+) -> None:
+    from pipeline.buffers import BufferPool
+
+    calls = {"_new": 0, "prefault": 0}
+
+    def counting(name: str) -> Any:
+        real = getattr(BufferPool, name)
+
+        def counted(self: BufferPool, *args: Any) -> Any:
+            calls[name] += 1
+            return real(self, *args)
+
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(BufferPool, name, counting(name))
+    result = run(tiny_dir("bert"), texts_file, tmp_path / "c", store_dtype="float32", shard_tokens=shard_tokens)
+    several = len(result.manifest.geometry.shards) > 1
+    assert several == (shard_tokens == 60)
+    # The second set is made by `prefault` as the first shard starts; one shard needs none.
+    assert calls == ({"_new": 2, "prefault": 1} if several else {"_new": 1, "prefault": 0})
+    assert not any(t.name == "actcache-prefault" for t in threading.enumerate())
+    # That the faulted-in set holds the batches' values, not the faults' zeros: every multi-shard
+    # comparison with a direct forward above (test_stored_values_equal_a_direct_forward_of_each_example).
 
 
 def test_default_shard_size_is_set_by_the_bytes_a_token_stores(

@@ -1,20 +1,12 @@
-"""Host memory reused from batch to batch and shard to shard: `HostStaging` (a batch's gathered states,
-one buffer per name; CPU side, CUDA in bench.gpu) and `BufferPool` (a shard's buffers)."""
+"""`HostStaging`: a batch's gathered states reuse one host buffer per name (CPU side; CUDA in bench.gpu)."""
 
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.buffers import BufferPool
 from pipeline.staging import HostStaging, _capacity
-from pipeline.tuning import _resident
-from schemas.arrays import build_arrays
-from schemas.geometry import ShardRange
-from schemas.store import hidden_name
 
 pytestmark = pytest.mark.unit
 
@@ -63,43 +55,3 @@ def test_bfloat16_reaches_the_host_as_its_bits() -> None:
     array, _ = staging.to_host("h", target)
     assert array.dtype == np.uint16
     np.testing.assert_array_equal(array, values.view(torch.int16).numpy().view(np.uint16))
-
-
-def _resident_bytes() -> int:
-    resident = _resident()
-    assert resident is not None, "the test reads resident memory from /proc (Linux)"
-    return resident
-
-
-def test_the_second_shards_buffers_are_faulted_in_on_a_thread_beside_the_first_shard() -> None:
-    arrays = build_arrays(stacks={"encoder": 512}, n_layers=8, store_dtype="float16", poolings={"encoder": ("mean",)})
-    shards = [ShardRange(i, 100 * i, 100 * (i + 1), 8192 * i, 8192 * (i + 1), 8192 * i) for i in range(3)]
-    pool = BufferPool(arrays, shards)
-    first, _ = pool.take(shards[0])
-    set_bytes = sum(a.nbytes for a in first.values())  # ~67 MB, 64 of them hidden states
-    before = _resident_bytes()
-    pool.prefault()
-    assert any(t.name == "actcache-prefault" for t in threading.enumerate())
-    second, views = pool.take(shards[1])  # waits for the faults: the set is resident before any batch writes it
-    assert _resident_bytes() - before >= 0.9 * set_bytes
-    assert not any(t.name == "actcache-prefault" for t in threading.enumerate())
-    assert all(second[name] is not first[name] for name in first)
-    resident = _resident_bytes()
-    for view in views.values():
-        view[...] = 1  # what the shard's batches do: no page of this set is fresh any more
-    assert _resident_bytes() - resident < 0.1 * set_bytes
-    pool.give_back(first)
-    third, _ = pool.take(shards[2])
-    assert all(third[name] is first[name] for name in first)  # still two sets: no third is made
-
-
-def test_closing_the_pool_waits_for_a_set_being_faulted_in() -> None:
-    arrays = build_arrays(stacks={"encoder": 256}, n_layers=4, store_dtype="float32", poolings={"encoder": ()})
-    shards = [ShardRange(i, 10 * i, 10 * (i + 1), 4096 * i, 4096 * (i + 1), 4096 * i) for i in range(2)]
-    pool = BufferPool(arrays, shards)
-    pool.take(shards[0])
-    pool.prefault()
-    pool.close()
-    assert not any(t.name == "actcache-prefault" for t in threading.enumerate())
-    second, _ = pool.take(shards[1])  # the spare was let go: a fresh set
-    assert second[hidden_name("encoder")].shape == (4, 4096, 256)
