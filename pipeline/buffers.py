@@ -36,8 +36,8 @@ class BufferPool:
             axis: max((_logical(axis, shard) for shard in shards), default=0) for axis in ("token", "example")
         }
         self.free: list[dict[str, np.ndarray]] = []
-        self._spare: tuple[threading.Thread, dict[str, np.ndarray]] | None = None  # being faulted in
-        self._cancel = threading.Event()
+        # A set being faulted in: its thread, the event that cuts the faulting short, the buffers.
+        self._spare: tuple[threading.Thread, threading.Event, dict[str, np.ndarray]] | None = None
 
     def take(self, shard: ShardRange) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """A set of buffers, and its views sized for `shard`."""
@@ -49,7 +49,7 @@ class BufferPool:
         if self.free:
             buffers = self.free.pop()
         elif self._spare is not None:
-            thread, buffers = self._spare
+            thread, _, buffers = self._spare
             thread.join()
             self._spare = None
         else:
@@ -69,20 +69,18 @@ class BufferPool:
         """Allocate one more set, its pages faulted in on a thread of its own (the GIL released), for
         the next `take` that finds no set free; call it as a shard starts when another will follow."""
         if self._spare is None:
-            buffers = self._new()
-            self._cancel = threading.Event()
-            thread = threading.Thread(
-                target=_fault_in, args=(buffers, self._cancel), name="actcache-prefault", daemon=True
-            )
+            buffers, cancel = self._new(), threading.Event()
+            thread = threading.Thread(target=_fault_in, args=(buffers, cancel), name="actcache-prefault", daemon=True)
             thread.start()
-            self._spare = (thread, buffers)
+            self._spare = (thread, cancel, buffers)
 
     def close(self) -> None:
         """Let a set being faulted in go, its faulting cut short, once its thread has ended: no thread
         of the pool outlives the run, and a run that stops or fails does not wait for the whole set."""
         if self._spare is not None:
-            self._cancel.set()
-            self._spare[0].join()
+            thread, cancel, _ = self._spare
+            cancel.set()
+            thread.join()
             self._spare = None
 
     def _new(self) -> dict[str, np.ndarray]:
